@@ -1,0 +1,1 @@
+"""ARC test-time-training submission kit: tasks -> augment -> format -> TTT -> infer -> vote -> submission."""

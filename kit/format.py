@@ -1,0 +1,141 @@
+"""Task <-> token ids, in a compact grid format that needs no tokenizer at encode time.
+
+One token per cell (the digit), one per row end (newline), a marker before each input ("I") and each
+output ("O"), EOS after each output:
+
+    [BOS] I <in rows> O <out rows> EOS ... I <query in rows> O | <query out rows> EOS
+
+Everything left of `|` is the prompt; the model learns (and later generates) the rest. Works with any
+tokenizer in which each symbol is a single token (checked at load time), including the shrunk vocabulary
+of a packed model. Token counts come from grid shapes alone, so the planner never tokenises.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from kit.grids import MAX_SIDE, NUM_COLOURS, Grid
+from kit.tasks import Pair
+
+IGNORE = -100  # label of a token that carries no loss (the convention of HF causal LMs)
+DIGITS = tuple(str(d) for d in range(NUM_COLOURS))
+ROW_END, INPUT_MARK, OUTPUT_MARK = "\n", "I", "O"
+FORMAT_VERSION = 1
+
+
+class FormatError(ValueError):
+    """A tokenizer cannot express the format, or generated ids are not a valid grid."""
+
+
+def grid_tokens(shape: tuple[int, int]) -> int:
+    """Tokens of one grid: a cell each, plus a row end per row."""
+    height, width = shape
+    return height * (width + 1)
+
+
+def pair_tokens(pair: Pair) -> int:
+    """Tokens of a demonstration: two markers, two grids, EOS."""
+    return 3 + grid_tokens(pair.input.shape) + grid_tokens(pair.output.shape)
+
+
+def sequence_tokens(demos: Sequence[Pair], query_input: Grid, output_shape: tuple[int, int] | None = None,
+                    bos: bool = True) -> int:
+    """Length of the encoded sequence from shapes alone: the prompt, plus the output and EOS when given."""
+    prompt = int(bos) + sum(pair_tokens(p) for p in demos) + 2 + grid_tokens(query_input.shape)
+    return prompt + (grid_tokens(output_shape) + 1 if output_shape is not None else 0)
+
+
+@dataclass(frozen=True)
+class GridFormat:
+    """The token ids of the format's symbols for one tokenizer."""
+
+    digit_ids: tuple[int, ...]
+    row_end_id: int
+    input_id: int
+    output_id: int
+    eos_id: int
+    bos_id: int | None = None
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, where: str = "tokenizer") -> GridFormat:
+        """Read the ids from a HF tokenizer; refuse one where a symbol is not exactly one token."""
+        def single(symbol: str) -> int:
+            ids = tokenizer.encode(symbol, add_special_tokens=False)
+            if len(ids) != 1:
+                raise FormatError(f"{where}: {symbol!r} encodes to {len(ids)} tokens {ids}; the grid format "
+                                  "needs every digit, the newline and the markers 'I'/'O' to be single tokens")
+            return int(ids[0])
+
+        if tokenizer.eos_token_id is None:
+            raise FormatError(f"{where}: the tokenizer has no EOS token")
+        fmt = cls(tuple(single(d) for d in DIGITS), single(ROW_END), single(INPUT_MARK), single(OUTPUT_MARK),
+                  int(tokenizer.eos_token_id), tokenizer.bos_token_id)
+        symbols = [*fmt.digit_ids, fmt.row_end_id, fmt.input_id, fmt.output_id, fmt.eos_id]
+        if len(set(symbols)) != len(symbols):
+            raise FormatError(f"{where}: two symbols of the grid format share a token id: {symbols}")
+        return fmt
+
+    @property
+    def grid_vocabulary(self) -> list[int]:
+        """The ids an answer may contain: digits, row end, EOS (what decoding is restricted to)."""
+        return [*self.digit_ids, self.row_end_id, self.eos_id]
+
+    @property
+    def used_ids(self) -> list[int]:
+        """Every id the format ever emits (what a shrunk vocabulary keeps)."""
+        specials = [] if self.bos_id is None else [self.bos_id]
+        return sorted({*self.grid_vocabulary, self.input_id, self.output_id, *specials})
+
+    def encode_grid(self, grid: Grid) -> np.ndarray:
+        cells = np.asarray(self.digit_ids, dtype=np.int64)[grid]
+        row_ends = np.full((grid.shape[0], 1), self.row_end_id, dtype=np.int64)
+        return np.concatenate([cells, row_ends], axis=1).ravel()
+
+    def encode_prompt(self, demos: Sequence[Pair], query_input: Grid) -> np.ndarray:
+        """Demonstrations, then the query input and the output marker: what the model continues."""
+        parts = [] if self.bos_id is None else [np.array([self.bos_id])]
+        for pair in demos:
+            parts += [np.array([self.input_id]), self.encode_grid(pair.input), np.array([self.output_id]),
+                      self.encode_grid(pair.output), np.array([self.eos_id])]
+        parts += [np.array([self.input_id]), self.encode_grid(query_input), np.array([self.output_id])]
+        return np.concatenate(parts).astype(np.int64)
+
+    def encode_answer(self, grid: Grid) -> np.ndarray:
+        """The continuation the model must produce for an output grid: its rows, then EOS."""
+        return np.append(self.encode_grid(grid), self.eos_id)
+
+    def encode_example(self, demos: Sequence[Pair], query: Pair) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and labels of a training sequence; only the query output and its EOS carry loss."""
+        prompt, answer = self.encode_prompt(demos, query.input), self.encode_answer(query.output)
+        ids = np.concatenate([prompt, answer])
+        labels = np.concatenate([np.full(len(prompt), IGNORE, dtype=np.int64), answer])
+        return ids, labels
+
+    def parse_grid(self, ids: Sequence[int]) -> Grid:
+        """Generated ids (after the output marker) back to a grid. Stops at the first EOS, which must come;
+        rejects any other token, ragged rows and sides outside 1..30 with a FormatError saying why."""
+        ids = list(ids)
+        if self.eos_id not in ids:
+            raise FormatError(f"no EOS in {len(ids)} generated tokens (output cut off)")
+        body = ids[:ids.index(self.eos_id)]
+        if not body or body[-1] != self.row_end_id:
+            raise FormatError("output does not end with a complete row")
+        digit_of = {tid: d for d, tid in enumerate(self.digit_ids)}
+        rows, row = [], []
+        for tid in body:
+            if tid == self.row_end_id:
+                if not row:
+                    raise FormatError(f"empty row {len(rows)}")
+                rows.append(row)
+                row = []
+            elif tid in digit_of:
+                row.append(digit_of[tid])
+            else:
+                raise FormatError(f"token {tid} is not a digit or a row end")
+        if len(rows) > MAX_SIDE or len(rows[0]) > MAX_SIDE:
+            raise FormatError(f"grid of {len(rows)}x{len(rows[0])} exceeds {MAX_SIDE}x{MAX_SIDE}")
+        if any(len(r) != len(rows[0]) for r in rows):
+            raise FormatError(f"ragged rows: lengths {[len(r) for r in rows]}")
+        return np.array(rows, dtype=np.uint8)
