@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kit.config import RunConfig
+from kit.config import InferSettings, LoraSettings, RunConfig, TTTSettings
 from kit.grids import GridError
 from kit.tasks import BUNDLED
 
@@ -26,9 +26,28 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="baseline submission with no model (test input as both attempts)")
     p.add_argument("--skip-bad", action="store_true",
                    help="give invalid tasks a fallback answer instead of stopping")
+    m = p.add_argument_group("model, test-time training and inference")
+    m.add_argument("--model", type=Path, metavar="DIR", help="model directory (default: the embedded SmolLM2-135M)")
+    m.add_argument("--backend", choices=("auto", "unsloth", "peft"), default="auto",
+                   help="unsloth where it imports (auto), else transformers+peft")
+    m.add_argument("--steps", type=int, default=TTTSettings.steps, metavar="N", help="TTT steps per task (0: none)")
+    m.add_argument("--augs", type=int, default=InferSettings.augs, metavar="N",
+                   help="augmented views decoded per test input")
+    m.add_argument("--batch-size", type=int, default=TTTSettings.batch_size, metavar="N",
+                   help="TTT sequences per step")
+    m.add_argument("--lora-rank", type=int, default=LoraSettings.rank, metavar="R")
+    m.add_argument("--lr", type=float, default=TTTSettings.lr, help="TTT learning rate")
+    m.add_argument("--max-length", type=int, default=TTTSettings.max_length, metavar="TOKENS",
+                   help="longest sequence trained on or prompted with (demonstrations are dropped to fit)")
+    m.add_argument("--rank-by", choices=("score", "votes"), default=InferSettings.rank_by,
+                   help="pick attempts by product-of-experts likelihood (score) or by votes")
     args = p.parse_args(argv)
-    return RunConfig(challenges=args.challenges, solutions=args.solutions, dataset=args.dataset, tasks=args.tasks,
-                     out=args.out, seed=args.seed, no_model=args.no_model, skip_bad=args.skip_bad)
+    return RunConfig(
+        challenges=args.challenges, solutions=args.solutions, dataset=args.dataset, tasks=args.tasks, out=args.out,
+        seed=args.seed, no_model=args.no_model, skip_bad=args.skip_bad, model=args.model, backend=args.backend,
+        lora=LoraSettings(rank=args.lora_rank, alpha=args.lora_rank),
+        ttt=TTTSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length),
+        infer=InferSettings(augs=args.augs, max_length=args.max_length, rank_by=args.rank_by))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kit.augment import NUM_SYMMETRIES, Augmentation, random_colours, task_rng  # noqa: E402
@@ -50,7 +48,7 @@ def main() -> None:
     done = time.perf_counter()
     per_100 = (done - start) / len(task_set.tasks) * 100
     print(f"{len(task_set.tasks)} tasks: load+validate {loaded - start:.3f}s, "
-          f"augment+tokenise {done - loaded:.3f}s ({tokens / 1e6:.1f}M tokens, {tokens / (done - loaded) / 1e6:.1f}M/s)")
+          f"augment+tokenise {done - loaded:.3f}s ({tokens / 1e6:.1f}M tokens)")
     print(f"{per_100:.3f} s per 100 tasks; ratio to the {TARGET_SECONDS_PER_100:.0f} s target: "
           f"{per_100 / TARGET_SECONDS_PER_100:.3f} ({'PASS' if per_100 < TARGET_SECONDS_PER_100 else 'FAIL'})")
 

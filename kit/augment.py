@@ -94,9 +94,12 @@ def random_colours(rng: np.random.Generator, keep_background: bool = True) -> np
 
 
 def random_augmentation(rng: np.random.Generator, num_demos: int, keep_background: bool = True,
-                        shuffle: bool = True) -> Augmentation:
-    order = tuple(int(i) for i in rng.permutation(num_demos)) if shuffle else None
-    return Augmentation(int(rng.integers(NUM_SYMMETRIES)), random_colours(rng, keep_background), order)
+                        symmetry: int | None = None) -> Augmentation:
+    """Random colours and demonstration order, and a random symmetry unless one is given."""
+    if symmetry is None:
+        symmetry = int(rng.integers(NUM_SYMMETRIES))
+    colours = random_colours(rng, keep_background)
+    return Augmentation(symmetry, colours, tuple(int(i) for i in rng.permutation(num_demos)))
 
 
 def task_rng(seed: int, task_id: str, purpose: str = "") -> np.random.Generator:

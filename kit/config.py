@@ -1,8 +1,42 @@
-"""The run's settings: one dataclass filled from the CLI flags, passed down explicitly (no global state)."""
+"""The run's settings: dataclasses filled from the CLI flags, passed down explicitly (no global state).
+Torch-free, so the data path and `--help` stay fast."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 32
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def peft_config(self) -> dict[str, Any]:
+        """Keyword arguments shared by peft.LoraConfig and unsloth's get_peft_model."""
+        return dict(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                    target_modules=list(self.target_modules), bias="none")
+
+
+@dataclass
+class TTTSettings:
+    steps: int = 60
+    batch_size: int = 4
+    lr: float = 1e-3
+    warmup_steps: int = 5
+    max_length: int = 2048
+    keep_background: bool = True
+
+
+@dataclass
+class InferSettings:
+    augs: int = 8  # views decoded per test input
+    max_length: int = 2048
+    batch_size: int = 16  # sequences per forward pass when decoding and scoring
+    keep_background: bool = True
+    rank_by: str = "score"  # how vote.py ranks candidates: "score" (product of experts) or "votes"
 
 
 @dataclass
@@ -15,3 +49,8 @@ class RunConfig:
     seed: int = 0
     no_model: bool = False  # baseline answers (the test input as both attempts), no model at all
     skip_bad: bool = False  # a task that fails validation gets a fallback answer instead of stopping the run
+    model: Path | None = None  # model directory; None: the embedded default
+    backend: str = "auto"  # auto | unsloth | peft
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    ttt: TTTSettings = field(default_factory=TTTSettings)
+    infer: InferSettings = field(default_factory=InferSettings)

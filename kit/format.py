@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kit.grids import MAX_SIDE, NUM_COLOURS, Grid
-from kit.tasks import Pair
+from kit.tasks import Pair, Task
 
 IGNORE = -100  # label of a token that carries no loss (the convention of HF causal LMs)
 DIGITS = tuple(str(d) for d in range(NUM_COLOURS))
@@ -45,6 +45,32 @@ def sequence_tokens(demos: Sequence[Pair], query_input: Grid, output_shape: tupl
     """Length of the encoded sequence from shapes alone: the prompt, plus the output and EOS when given."""
     prompt = int(bos) + sum(pair_tokens(p) for p in demos) + 2 + grid_tokens(query_input.shape)
     return prompt + (grid_tokens(output_shape) + 1 if output_shape is not None else 0)
+
+
+def task_tokens(task: Task) -> int:
+    """Tokens of the task's longest test sequence (all demonstrations, the test input, and the true output when
+    known): the size measure used to plan and to pick small tasks."""
+    outputs = task.test_outputs or [None] * len(task.test_inputs)
+    return max(sequence_tokens(task.train, grid, None if out is None else out.shape)
+               for grid, out in zip(task.test_inputs, outputs))
+
+
+def answer_budget(side: int) -> int:
+    """Tokens reserved for an answer whose sides are at most `side`, in any orientation (rows + EOS)."""
+    return grid_tokens((side, side)) + 1
+
+
+def fit_demos(demos: Sequence[Pair], query_input: Grid, answer_tokens: int, max_tokens: int,
+              bos: bool = True) -> list[Pair] | None:
+    """The demonstrations that fit with the query and an answer of `answer_tokens` in `max_tokens`: the longest
+    are dropped first, order kept. None when the query alone does not fit."""
+    kept = list(demos)
+    base = sequence_tokens([], query_input, bos=bos) + answer_tokens
+    total = base + sum(pair_tokens(p) for p in kept)
+    while total > max_tokens and kept:
+        longest = max(range(len(kept)), key=lambda i: pair_tokens(kept[i]))
+        total -= pair_tokens(kept.pop(longest))
+    return kept if total <= max_tokens else None
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -91,6 +91,8 @@ def build_from_gguf(source: Path, target: Path) -> None:
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        for path in (staging, *staging.iterdir()):  # mkdtemp makes it private; a cache is for every user
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

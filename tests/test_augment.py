@@ -3,8 +3,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kit.augment import (NUM_SYMMETRIES, Augmentation, apply_symmetry, invert_symmetry, leave_one_out,
-                         random_augmentation, random_colours, task_rng)
+from kit.augment import (
+    NUM_SYMMETRIES,
+    Augmentation,
+    apply_symmetry,
+    invert_symmetry,
+    leave_one_out,
+    random_augmentation,
+    random_colours,
+    task_rng,
+)
 from kit.tasks import Pair, Task
 
 grids = st.tuples(st.integers(1, 30), st.integers(1, 30)).flatmap(

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("dataset,tasks", [("arc1-eval", 400), ("arc2-eval", 120)])
 def test_no_model_run_on_a_bundled_set(tmp_path, dataset, tasks):
     out = tmp_path / "submission.json"
-    done = subprocess.run([sys.executable, "build_submission.py", "--dataset", dataset, "--no-model", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "build_submission.py", "--dataset", dataset, "--no-model", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"({tasks} tasks" in done.stdout and "score " in done.stdout
     task_set = load_bundled(dataset)

@@ -3,8 +3,17 @@ import json
 import numpy as np
 import pytest
 
-from kit.submission import (FALLBACK_GRID, SubmissionError, baseline_attempts, build_submission, load_submission,
-                            score_submission, solutions_of, validate_submission, write_json_atomic)
+from kit.submission import (
+    FALLBACK_GRID,
+    SubmissionError,
+    baseline_attempts,
+    build_submission,
+    load_submission,
+    score_submission,
+    solutions_of,
+    validate_submission,
+    write_json_atomic,
+)
 
 
 @pytest.fixture(scope="module")

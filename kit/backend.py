@@ -1,0 +1,312 @@
+"""The model behind one small interface: LoRA reset, training loss, greedy decoding, answer likelihoods.
+
+Two implementations share all the maths: `UnslothBackend` (FastLanguageModel; on a CPU-only host unsloth
+itself falls back to stock transformers + PEFT) and `PeftBackend` (transformers + PEFT). They differ only in
+how the model is loaded and how train/eval modes are switched.
+
+Speed rules used throughout: the decoder runs once per batch, and the LM head is applied only where a
+log-probability is needed (labelled positions, the last position while decoding), restricted to the
+allowed vocabulary when one is given. The head itself runs in fp32 so that losses and scores do not carry
+bf16 rounding of the logits. transformers, peft and unsloth are imported lazily (unsloth patches
+transformers on import and must come first).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kit.config import LoraSettings  # torch-free, so the CLI builds it without torch
+from kit.format import IGNORE
+from kit.weights import offline_environment
+
+__all__ = ["Backend", "LoraSettings", "PeftBackend", "UnslothBackend", "load_backend", "offline_environment"]
+
+Ids = Sequence[int] | torch.Tensor  # token ids: a list, or a 1-D LongTensor
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 matmuls in hardware (AVX512-BF16 or AMX); elsewhere torch emulates them, slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """Compute dtype: bf16 where the hardware has it (CUDA from Ampere on, AVX512-BF16/AMX CPUs), else fp32."""
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        native = cpu_has_native_bf16()
+    return torch.bfloat16 if native else torch.float32
+
+
+def weights_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """How the base weights are stored: in the compute dtype on CUDA (native), in fp32 on CPU, where bf16
+    compute is autocast over fp32 weights."""
+    return dtype if device.type == "cuda" else torch.float32
+
+
+class Backend:
+    """A causal LM with one LoRA adapter attached at load time and re-initialised per task."""
+
+    name = "base"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, device: torch.device, dtype: torch.dtype,
+                 max_length: int, seed: int) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
+        base = model.get_base_model()
+        self.max_length = min(max_length, getattr(base.config, "max_position_embeddings", max_length))
+        self._decoder = base.get_decoder()
+        self._head = base.get_output_embeddings().weight
+        self._pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+        self._lora_layers = [m for _, m in model.named_modules() if isinstance(m, LoraLayer)]
+        self._lora = [m[name].weight for layer in self._lora_layers for name in layer.active_adapters
+                      for m in (layer.lora_A, layer.lora_B)]
+        if not self._lora:
+            raise ValueError(f"{type(model).__name__}: no LoRA layers were attached")
+        lora_ids = {id(p) for p in self._lora}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in lora_ids)
+        self.reset_lora(seed)
+        self.eval()
+
+    # --- adapter -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_lora(self, seed: int) -> None:
+        """A fresh adapter in place: A ~ kaiming-uniform (as PEFT) from `seed` alone, B = 0, no grads left."""
+        generator = torch.Generator().manual_seed(seed)
+        for layer in self._lora_layers:
+            for name in layer.active_adapters:
+                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                fresh = torch.empty(a.shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+                a.copy_(fresh)
+                b.zero_()
+        for p in self._lora:
+            p.grad = None
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self._lora)
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    # --- likelihoods -------------------------------------------------------------------------------------
+
+    def loss(self, input_ids: torch.LongTensor, labels: torch.LongTensor, attention_mask: torch.Tensor,
+             vocab: Ids | None = None) -> torch.Tensor:
+        """Mean cross-entropy over the tokens whose label is not IGNORE (labels aligned with input_ids).
+
+        Batches must be right-padded (pads after the tokens): the decoder then runs with a plain causal
+        mask, which is exact for every real token and the only layout unsloth's training path supports.
+        With `vocab`, the softmax is over those ids only and every label must be one of them.
+        """
+        log_probs, _ = self._label_log_probs(input_ids, labels, attention_mask, vocab)
+        if log_probs.numel() == 0:
+            raise ValueError("loss over a batch without any labelled token")
+        return -log_probs.mean()
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[np.ndarray], answers: Sequence[np.ndarray],
+              vocab: Ids | None = None) -> np.ndarray:
+        """Summed log-probability of each answer after its prompt (float64), in one right-padded batch.
+        Switches to eval mode."""
+        if len(prompts) != len(answers):
+            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+        self.eval()
+        sequences = [np.concatenate([p, a]) for p, a in zip(prompts, answers)]
+        targets = [np.concatenate([np.full(len(p), IGNORE), a]) for p, a in zip(prompts, answers)]
+        input_ids, attention_mask = self._pad(sequences, left=False, fill=self._pad_id)
+        labels, _ = self._pad(targets, left=False, fill=IGNORE)
+        log_probs, rows = self._label_log_probs(input_ids, labels, attention_mask, vocab)
+        totals = torch.zeros(len(sequences), dtype=torch.float64, device=self.device)
+        return totals.index_add_(0, rows, log_probs.double()).cpu().numpy()
+
+    def _label_log_probs(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                         vocab: Ids | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of every labelled token and the row it belongs to (shared by loss and score)."""
+        input_ids, labels, attention_mask = (t.to(self.device) for t in (input_ids, labels, attention_mask))
+        self._check_length(input_ids.shape[1])
+        if not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+            raise ValueError("loss/score need right-padded batches (attention_mask must be 1s then 0s per row)")
+        targets = labels.masked_fill(attention_mask == 0, IGNORE)[:, 1:]  # token t predicts label t+1
+        keep = targets != IGNORE
+        with self._autocast():
+            hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+        selected, wanted = hidden[:, :-1][keep], targets[keep]
+        if vocab is None:
+            logits = self._logits(selected, self._head)
+        else:
+            allowed = self._ids(vocab)
+            logits, wanted = self._logits(selected, self._head[allowed]), index_in(wanted, allowed)
+        return -F.cross_entropy(logits, wanted, reduction="none"), keep.nonzero()[:, 0]
+
+    # --- decoding ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[np.ndarray], vocab: Ids, eos_id: int,
+                 max_new_tokens: int) -> list[np.ndarray]:
+        """Greedy continuation of each prompt over `vocab` only, batched with left padding and a KV cache.
+
+        Each row ends at its first `eos_id` (kept in its output) or after `max_new_tokens`, also limited
+        so that no sequence exceeds `max_length`. Switches to eval mode.
+        """
+        allowed = self._ids(vocab)
+        if not bool((allowed == eos_id).any()):
+            raise ValueError(f"eos_id {eos_id} is not in the decoding vocabulary")
+        self.eval()
+        input_ids, attention_mask = self._pad(prompts, left=True, fill=self._pad_id)
+        budget = min(max_new_tokens, self.max_length - self._check_length(input_ids.shape[1]))
+        positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        head = self._head[allowed]
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        cache, steps = None, []
+        with self._autocast():
+            for _ in range(budget):
+                out = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                    past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                chosen = allowed[self._logits(out.last_hidden_state[:, -1], head).argmax(-1)]
+                chosen = chosen.masked_fill(finished, eos_id)
+                steps.append(chosen)
+                finished |= chosen == eos_id
+                if bool(finished.all()):
+                    break
+                input_ids, positions = chosen[:, None], positions[:, -1:] + 1
+                attention_mask = F.pad(attention_mask, (0, 1), value=1)
+        generated = torch.stack(steps, 1).cpu().numpy() if steps else np.zeros((len(prompts), 0), np.int64)
+        return [until_first(row, eos_id) for row in generated]
+
+    # --- helpers -----------------------------------------------------------------------------------------
+
+    def _autocast(self) -> AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+
+    def _logits(self, hidden: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """LM head in fp32, outside autocast: exact enough to compare likelihoods across candidates."""
+        with torch.autocast(self.device.type, enabled=False):
+            return hidden.float() @ head.float().T
+
+    def _ids(self, ids: Ids) -> torch.Tensor:
+        return torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
+
+    def _check_length(self, length: int) -> int:
+        if length > self.max_length:
+            raise ValueError(f"sequence of {length} tokens exceeds max_length {self.max_length}")
+        return length
+
+    def _pad(self, rows: Sequence[np.ndarray], left: bool, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of different lengths as one (ids, mask) batch on the device."""
+        if not rows or min(len(r) for r in rows) == 0:
+            raise ValueError("need at least one sequence, and no empty one")
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), fill, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, span], mask[i, span] = row, 1
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+
+
+class PeftBackend(Backend):
+    name = "peft"
+
+    @classmethod
+    def load(cls, model_dir: Path, lora: LoraSettings, max_length: int, seed: int, device: torch.device,
+             dtype: torch.dtype) -> PeftBackend:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights_dtype(device, dtype)).to(device)
+        if device.type == "cuda":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora.peft_config()))
+        return cls(model, AutoTokenizer.from_pretrained(model_dir), device, dtype, max_length, seed)
+
+
+class UnslothBackend(Backend):
+    name = "unsloth"
+
+    @classmethod
+    def load(cls, model_dir: Path, lora: LoraSettings, max_length: int, seed: int, device: torch.device,
+             dtype: torch.dtype) -> UnslothBackend:
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            str(model_dir), max_seq_length=max_length, load_in_4bit=False, dtype=weights_dtype(device, dtype))
+        model = FastLanguageModel.get_peft_model(
+            model, **lora.peft_config(), random_state=seed,
+            use_gradient_checkpointing="unsloth" if device.type == "cuda" else False)
+        return cls(model, tokenizer, device, dtype, max_length, seed)
+
+    def train(self) -> None:
+        from unsloth import FastLanguageModel
+        FastLanguageModel.for_training(self.model)
+
+    def eval(self) -> None:
+        from unsloth import FastLanguageModel
+        FastLanguageModel.for_inference(self.model)
+
+
+BACKENDS: dict[str, type[Backend]] = {"unsloth": UnslothBackend, "peft": PeftBackend}
+
+
+def load_backend(model_dir: str | Path, kind: str = "auto", lora: LoraSettings | None = None,
+                 max_length: int = 8192, seed: int = 0, log: Callable[[str], None] = print,
+                 dtype: torch.dtype | None = None) -> Backend:
+    """Load the model once, attach the LoRA once. `kind` "auto" prefers unsloth when it imports.
+    `lora` None means the default LoraSettings; `dtype` None picks the compute dtype for the device."""
+    offline_environment()
+    start = time.perf_counter()
+    if kind == "auto":
+        kind = "unsloth" if unsloth_importable(log) else "peft"
+    if kind not in BACKENDS:
+        raise ValueError(f"unknown backend {kind!r}; choose from auto, {', '.join(BACKENDS)}")
+    device = pick_device()
+    dtype = dtype or default_dtype(device)
+    backend = BACKENDS[kind].load(Path(model_dir), lora or LoraSettings(), max_length, seed, device, dtype)
+    log(f"backend {backend.name} on {device} ({str(dtype).removeprefix('torch.')} compute), "
+        f"{model_dir} loaded in {time.perf_counter() - start:.1f} s (imports included)")
+    return backend
+
+
+def unsloth_importable(log: Callable[[str], None]) -> bool:
+    try:
+        importlib.import_module("unsloth")
+        return True
+    except Exception as error:  # noqa: BLE001 -- unsloth raises plain errors on unsupported hosts
+        log(f"unsloth unavailable ({type(error).__name__}: {error}); falling back to transformers+peft")
+        return False
+
+
+def index_in(ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Position of each id within `allowed` (labels remapped into a restricted vocabulary)."""
+    match = ids[:, None] == allowed[None, :]
+    if not bool(match.any(1).all()):
+        missing = sorted(set(ids[~match.any(1)].tolist()))
+        raise ValueError(f"label ids {missing} are not in the restricted vocabulary")
+    return match.int().argmax(1)
+
+
+def until_first(row: np.ndarray, stop: int) -> np.ndarray:
+    """The row up to and including the first `stop`, or all of it."""
+    hits = np.flatnonzero(row == stop)
+    return row[: hits[0] + 1] if len(hits) else row

@@ -1,0 +1,78 @@
+"""Augmented inference: decode a test input under several invertible views of its task in one batch, map each
+answer back, then score every distinct candidate under every view (product of experts) for vote.py."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kit.augment import NUM_SYMMETRIES, Augmentation, random_augmentation
+from kit.config import InferSettings
+from kit.format import FormatError, GridFormat, answer_budget, fit_demos
+from kit.grids import MAX_SIDE, Grid
+from kit.tasks import Task
+from kit.vote import Candidate, tally
+
+if TYPE_CHECKING:  # the backend imports torch and transformers; only its type is needed here
+    from kit.backend import Backend
+
+
+def inference_views(rng: np.random.Generator, count: int, num_demos: int, keep_background: bool = True
+                    ) -> list[Augmentation]:
+    """The identity first, then random views that cycle through the other symmetries."""
+    others = [random_augmentation(rng, num_demos, keep_background, symmetry=i % NUM_SYMMETRIES)
+              for i in range(1, count)]
+    return [Augmentation(), *others]
+
+
+def plausible_side(task: Task, test_input: Grid) -> int:
+    """The longest side a test output could plausibly have: the larger of the demonstrations' outputs and the
+    test input scaled as the demonstrations scale their inputs. Caps decoding length."""
+    scale = max(max(p.output.shape) / max(p.input.shape) for p in task.train)
+    demo_side = max(max(p.output.shape) for p in task.train)
+    return min(MAX_SIDE, max(demo_side, math.ceil(max(test_input.shape) * scale)))
+
+
+def view_prompt(fmt: GridFormat, task: Task, test_input: Grid, view: Augmentation, answer_tokens: int,
+                max_length: int) -> np.ndarray | None:
+    """The prompt of a test input under a view, demonstrations dropped to leave room for the answer."""
+    demos = fit_demos(view.pairs(task.train), view.grid(test_input), answer_tokens, max_length,
+                      bos=fmt.bos_id is not None)
+    return None if demos is None else fmt.encode_prompt(demos, view.grid(test_input))
+
+
+def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, settings: InferSettings,
+            rng: np.random.Generator) -> list[Candidate]:
+    """Candidates for one test input, each with its votes and its log-likelihood under every view."""
+    answer_tokens = answer_budget(plausible_side(task, test_input))
+    views, prompts = [], []
+    for view in inference_views(rng, settings.augs, len(task.train), settings.keep_background):
+        prompt = view_prompt(fmt, task, test_input, view, answer_tokens, settings.max_length)
+        if prompt is not None:
+            views.append(view)
+            prompts.append(prompt)
+    grids = []
+    for start in range(0, len(prompts), settings.batch_size):
+        outputs = backend.generate(prompts[start:start + settings.batch_size], fmt.grid_vocabulary, fmt.eos_id,
+                                   answer_tokens)
+        for view, ids in zip(views[start:], outputs):
+            try:
+                grids.append(view.invert_grid(fmt.parse_grid(ids)))
+            except FormatError:
+                continue
+    candidates = tally(grids)
+    score_under_views(backend, fmt, candidates, views, prompts, settings.batch_size)
+    return candidates
+
+
+def score_under_views(backend: Backend, fmt: GridFormat, candidates: list[Candidate], views: list[Augmentation],
+                      prompts: list[np.ndarray], batch_size: int) -> None:
+    """Fill each candidate's view_scores: log p(candidate seen through the view | the view's prompt)."""
+    pairs = [(c, prompt, fmt.encode_answer(view.grid(c.grid)))
+             for c in candidates for view, prompt in zip(views, prompts)]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        scores = backend.score([p for _, p, _ in chunk], [a for _, _, a in chunk], fmt.grid_vocabulary)
+        for (candidate, _, _), value in zip(chunk, scores):
+            candidate.view_scores.append(float(value))

@@ -1,0 +1,41 @@
+"""One task through the method: reset LoRA -> TTT on leave-one-out views -> augmented decoding -> vote."""
+from __future__ import annotations
+
+import time
+import zlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kit.augment import task_rng
+from kit.config import RunConfig
+from kit.format import GridFormat
+from kit.infer import predict
+from kit.submission import Attempts
+from kit.tasks import Task
+from kit.ttt import train_task
+from kit.vote import rank, two_attempts
+
+if TYPE_CHECKING:  # the backend imports torch and transformers; only its type is needed here
+    from kit.backend import Backend
+
+
+def solve_task(backend: Backend, fmt: GridFormat, task: Task, config: RunConfig,
+               deadline: float | None = None) -> tuple[list[Attempts], dict]:
+    """Two attempts per test input, and the details worth logging (steps, losses, candidates, seconds)."""
+    ttt = train_task(backend, fmt, task, config.ttt, task_rng(config.seed, task.id, "ttt"),
+                     seed=zlib.crc32(f"{config.seed}:{task.id}".encode()), deadline=deadline)
+    start = time.monotonic()
+    rng = task_rng(config.seed, task.id, "infer")
+    attempts, candidates = [], []
+    for test_input in task.test_inputs:
+        ranked = rank(predict(backend, fmt, task, test_input, config.infer, rng), config.infer.rank_by)
+        attempts.append(two_attempts(ranked, fallback=test_input))
+        candidates.append([c.to_record() for c in ranked])
+    details = {"ttt_steps": ttt.steps, "ttt_stopped": ttt.stopped, "ttt_tokens": ttt.tokens,
+               "losses": [round(x, 4) for x in ttt.losses], "ttt_seconds": round(ttt.seconds, 3),
+               "infer_seconds": round(time.monotonic() - start, 3), "candidates": candidates}
+    if task.test_outputs is not None:
+        details["solved"] = [any(np.array_equal(a, truth) for a in pair)
+                             for pair, truth in zip(attempts, task.test_outputs)]
+    return attempts, details

@@ -1,0 +1,110 @@
+"""Per-task test-time training: a fresh LoRA learns the task from its own demonstrations.
+
+Leave-one-out sequences under random invertible augmentations, loss on the held-out output only, batches
+bucketed by length (little padding), a plain AdamW loop with linear warm-up/decay that stops at its step
+budget or its deadline, whichever comes first. Sequences too long for the model lose demonstrations.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from kit.augment import leave_one_out
+from kit.config import TTTSettings
+from kit.format import IGNORE, GridFormat, fit_demos, grid_tokens
+from kit.tasks import Task
+
+if TYPE_CHECKING:  # the backend imports torch and transformers; only its type is needed here
+    from kit.backend import Backend
+
+
+@dataclass
+class TTTResult:
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    stopped: str = "steps"  # "steps", "deadline" or "no data"
+
+
+Sequence = tuple[np.ndarray, np.ndarray]  # ids, labels
+
+
+def training_sequences(fmt: GridFormat, task: Task, count: int, max_length: int, rng: np.random.Generator,
+                       keep_background: bool = True) -> list[Sequence]:
+    """`count` encoded leave-one-out examples; demonstrations are dropped where a sequence would be too long,
+    and an example whose query alone is too long is left out."""
+    sequences = []
+    for ex in leave_one_out(task, rng, count, keep_background):
+        demos = fit_demos(ex.demos, ex.query.input, grid_tokens(ex.query.output.shape) + 1, max_length,
+                          bos=fmt.bos_id is not None)
+        if demos is not None:
+            sequences.append(fmt.encode_example(demos, ex.query))
+    return sequences
+
+
+def bucketed_batches(sequences: list[Sequence], batch_size: int, rng: np.random.Generator) -> list[list[Sequence]]:
+    """Batches of similar lengths (sorted, then chunked), in random order: padding stays small."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
+    batches = [[sequences[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def collate(batch: list[Sequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, labels (padding ignored) and attention mask."""
+    length = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, (seq, lab) in enumerate(batch):
+        ids[row, :len(seq)] = torch.from_numpy(seq)
+        labels[row, :len(lab)] = torch.from_numpy(lab)
+        mask[row, :len(seq)] = 1
+    return ids, labels, mask
+
+
+def train_task(backend: Backend, fmt: GridFormat, task: Task, settings: TTTSettings, rng: np.random.Generator,
+               seed: int, deadline: float | None = None) -> TTTResult:
+    """Reset the LoRA, then train it on the task. `deadline` is a time.monotonic() instant."""
+    start = time.monotonic()
+    result = TTTResult()
+    backend.reset_lora(seed)
+    if settings.steps > 0:
+        sequences = training_sequences(fmt, task, settings.steps * settings.batch_size, settings.max_length, rng,
+                                       settings.keep_background)
+        if sequences:
+            fit(backend, fmt, bucketed_batches(sequences, settings.batch_size, rng), settings, deadline, result)
+        else:
+            result.stopped = "no data"
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def fit(backend: Backend, fmt: GridFormat, batches: list[list[Sequence]], settings: TTTSettings,
+        deadline: float | None, result: TTTResult) -> None:
+    """The training loop proper: AdamW, linear warm-up then decay, gradient clipping; records into `result`."""
+    params = backend.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
+        (step + 1) / max(settings.warmup_steps, 1), max(0.0, (len(batches) - step) / len(batches))))
+    vocab = torch.tensor(fmt.grid_vocabulary, dtype=torch.long)
+    backend.train()
+    for batch in batches:
+        if deadline is not None and time.monotonic() >= deadline:
+            result.stopped = "deadline"
+            break
+        ids, labels, mask = collate(batch, fmt.eos_id)
+        loss = backend.loss(ids, labels, mask, vocab)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.steps += 1
+        result.losses.append(float(loss.detach()))
+        result.tokens += int(mask.sum())
+    backend.eval()

@@ -1,0 +1,250 @@
+"""The backend on a tiny random Llama (both implementations), and a smoke test on the real default model.
+
+Exactness checks run with fp32 compute, so that batched and one-at-a-time results agree to the bit where the
+maths says they must; the bf16-autocast path is checked against the fp32 reference to a tolerance.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kit.backend import IGNORE, Backend, LoraSettings, load_backend
+from kit.weights import ensure_default_model, offline_environment
+
+# The peft cases import transformers before the unsloth cases import unsloth; on CPU unsloth patches nothing
+# that matters here, so its import-order warning is noise.
+pytestmark = pytest.mark.filterwarnings("ignore:WARNING. Unsloth should be imported before")
+
+SYMBOLS = ["<pad>", "<s>", "</s>", "<unk>", *"0123456789", "\n", "I", "O", *"abcdefghijklmnop"]
+EOS = SYMBOLS.index("</s>")
+DIGITS = [SYMBOLS.index(d) for d in "0123456789"]
+GRID_VOCAB = [*DIGITS, SYMBOLS.index("\n"), EOS]
+
+
+def save_tiny_llama(path: Path) -> Path:
+    """A 2-layer random Llama with a one-token-per-character tokenizer, saved like a real model."""
+    offline_environment()
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(SYMBOLS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=EOS)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    core = Tokenizer(models.WordLevel({s: i for i, s in enumerate(SYMBOLS)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+def unsloth_skip_reason() -> str | None:
+    offline_environment()
+    try:
+        importlib.import_module("unsloth")
+        return None
+    except Exception as error:  # noqa: BLE001 -- any failure to import is a reason to skip, reported as such
+        return f"unsloth does not import here: {type(error).__name__}: {error}"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module", params=["peft", "unsloth"])
+def backend(request, tiny_dir) -> Backend:
+    """Both implementations, fp32 compute; every test resets the adapter it uses."""
+    if request.param == "unsloth" and (reason := unsloth_skip_reason()):
+        pytest.skip(reason)
+    return load_backend(tiny_dir, kind=request.param, lora=LoraSettings(rank=4, alpha=8), max_length=128,
+                        seed=0, log=lambda _: None, dtype=torch.float32)
+
+
+def random_rows(rng: np.random.Generator, lengths: list[int]) -> list[np.ndarray]:
+    return [rng.choice(GRID_VOCAB[:-1], size=n).astype(np.int64) for n in lengths]
+
+
+def right_padded(rows: list[np.ndarray], answer_from: list[int]) -> tuple[torch.Tensor, ...]:
+    """ids, labels (loss only from each row's answer_from on), mask; pads carry junk to prove they are ignored."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), 7, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, start) in enumerate(zip(rows, answer_from)):
+        ids[i, :len(row)] = torch.from_numpy(row)
+        labels[i, start:len(row)] = torch.from_numpy(row[start:])
+        mask[i, :len(row)] = 1
+    return ids, labels, mask
+
+
+def reference_log_probs(backend: Backend, ids: torch.Tensor, mask: torch.Tensor,
+                        vocab: list[int] | None) -> torch.Tensor:
+    """Log-softmax of a plain fp32 forward of the whole PEFT model (full logits), next-token aligned."""
+    with torch.no_grad():
+        logits = backend.model(input_ids=ids, attention_mask=mask).logits.float()[:, :-1]
+    if vocab is not None:
+        logits = logits[..., vocab]
+    return logits.log_softmax(-1)
+
+
+def train_steps(backend: Backend, steps: int, rng: np.random.Generator) -> None:
+    rows = random_rows(rng, [20, 15])
+    ids, labels, mask = right_padded(rows, [10, 8])
+    optimizer = torch.optim.Adam(backend.trainable_parameters(), lr=1e-2)
+    backend.train()
+    for _ in range(steps):
+        backend.loss(ids, labels, mask, GRID_VOCAB).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    backend.eval()
+
+
+def test_reset_gives_a_fresh_adapter_and_training_leaves_the_base_alone(backend: Backend) -> None:
+    rng = np.random.default_rng(1)
+    prompts, answers = random_rows(rng, [12, 9]), random_rows(rng, [5, 7])
+    base = {n: p.detach().clone() for n, p in backend.model.named_parameters() if "lora_" not in n}
+    with backend.model.disable_adapter():
+        base_scores = backend.score(prompts, answers, None)
+
+    backend.reset_lora(7)
+    fresh = [p.detach().clone() for p in backend.trainable_parameters()]
+    fresh_scores = backend.score(prompts, answers, None)
+    fresh_tokens = backend.generate(prompts, GRID_VOCAB, EOS, 6)
+    np.testing.assert_allclose(fresh_scores, base_scores, rtol=1e-6)  # B = 0: the adapter is a no-op
+
+    train_steps(backend, 5, rng)
+    assert not np.allclose(backend.score(prompts, answers, None), fresh_scores)
+    assert all(torch.equal(p, base[n]) for n, p in backend.model.named_parameters() if "lora_" not in n)
+
+    backend.reset_lora(7)
+    assert all(torch.equal(p, q) for p, q in zip(backend.trainable_parameters(), fresh))
+    assert all(p.grad is None for p in backend.trainable_parameters())
+    np.testing.assert_array_equal(backend.score(prompts, answers, None), fresh_scores)
+    for got, want in zip(backend.generate(prompts, GRID_VOCAB, EOS, 6), fresh_tokens):
+        np.testing.assert_array_equal(got, want)
+
+    backend.reset_lora(8)
+    assert not torch.equal(backend.trainable_parameters()[0], fresh[0])
+
+
+def test_trainable_parameters_are_exactly_the_lora_weights(backend: Backend) -> None:
+    lora = {id(p) for n, p in backend.model.named_parameters() if "lora_" in n}
+    assert {id(p) for p in backend.trainable_parameters()} == lora
+    assert {id(p) for p in backend.model.parameters() if p.requires_grad} == lora
+
+
+@pytest.mark.parametrize("vocab", [None, GRID_VOCAB])
+def test_loss_matches_a_plain_forward_over_labelled_positions(backend: Backend, vocab: list[int] | None) -> None:
+    backend.reset_lora(3)
+    train_steps(backend, 2, np.random.default_rng(2))  # a non-zero adapter, so the LoRA path counts too
+    ids, labels, mask = right_padded(random_rows(np.random.default_rng(3), [18, 11, 14]), [9, 4, 14])
+    targets = labels.masked_fill(mask == 0, IGNORE)[:, 1:]
+    if vocab is not None:
+        targets = targets.apply_(lambda t: t if t == IGNORE else vocab.index(t))
+    log_probs = reference_log_probs(backend, ids, mask, vocab)
+    expected = F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+
+    with torch.no_grad():
+        got = backend.loss(ids, labels, mask, None if vocab is None else torch.tensor(vocab))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    junk = labels.clone()
+    junk[mask == 0] = DIGITS[3]  # labels of pads are not labels
+    padded_ids = ids.masked_fill(mask == 0, DIGITS[5])  # nor do pad tokens reach real ones (causal)
+    with torch.no_grad():
+        torch.testing.assert_close(backend.loss(padded_ids, junk, mask, vocab), got, rtol=1e-6, atol=1e-6)
+
+
+def test_loss_under_bf16_autocast_stays_close_to_fp32(backend: Backend, monkeypatch) -> None:
+    backend.reset_lora(4)
+    ids, labels, mask = right_padded(random_rows(np.random.default_rng(4), [16, 12]), [6, 6])
+    with torch.no_grad():
+        exact = backend.loss(ids, labels, mask, GRID_VOCAB)
+        monkeypatch.setattr(backend, "dtype", torch.bfloat16)
+        rounded = backend.loss(ids, labels, mask, GRID_VOCAB)
+    torch.testing.assert_close(rounded, exact, rtol=2e-2, atol=2e-2)
+
+
+def test_loss_gradients_reach_only_the_adapter(backend: Backend) -> None:
+    backend.reset_lora(5)
+    ids, labels, mask = right_padded(random_rows(np.random.default_rng(5), [10, 10]), [5, 5])
+    backend.train()
+    backend.loss(ids, labels, mask, GRID_VOCAB).backward()
+    backend.eval()
+    assert all(p.grad is not None for p in backend.trainable_parameters())
+    assert any(p.grad.abs().sum() > 0 for p in backend.trainable_parameters())
+    assert all(p.grad is None for n, p in backend.model.named_parameters() if "lora_" not in n)
+    backend.reset_lora(5)
+
+
+def test_loss_refuses_left_padding_and_foreign_labels(backend: Backend) -> None:
+    ids, labels, mask = right_padded(random_rows(np.random.default_rng(6), [8, 5]), [2, 2])
+    with pytest.raises(ValueError, match="right-padded"):
+        backend.loss(ids, labels, mask.flip(1), None)
+    labels[0, 4] = SYMBOLS.index("a")
+    with pytest.raises(ValueError, match="not in the restricted vocabulary"):
+        backend.loss(ids, labels, mask, GRID_VOCAB)
+
+
+def test_generate_stays_in_vocab_respects_limits_and_batches_exactly(backend: Backend) -> None:
+    backend.reset_lora(0)
+    prompts = random_rows(np.random.default_rng(7), [5, 13, 9, 1])
+    vocab = [*DIGITS[:4], EOS]
+    batched = backend.generate(prompts, vocab, EOS, 10)
+    for prompt, got in zip(prompts, batched):
+        assert got.dtype == np.int64 and 1 <= len(got) <= 10 and set(got.tolist()) <= set(vocab)
+        assert EOS not in got[:-1].tolist() and (len(got) == 10 or got[-1] == EOS)
+        np.testing.assert_array_equal(backend.generate([prompt], vocab, EOS, 10)[0], got)
+
+
+def test_generate_stops_each_row_at_its_first_eos(backend: Backend) -> None:
+    backend.reset_lora(0)
+    prompts = random_rows(np.random.default_rng(8), [6, 11])
+    free = backend.generate(prompts, GRID_VOCAB, EOS, 12)
+    stop = int(free[0][len(free[0]) // 2])  # a token row 0 does emit: declare it the EOS
+    stopped = backend.generate(prompts, GRID_VOCAB, stop, 12)
+    for row, got in zip(free, stopped):
+        cut = np.flatnonzero(row == stop)
+        np.testing.assert_array_equal(got, row[: cut[0] + 1] if len(cut) else row)
+    assert len(backend.generate(prompts, [EOS], EOS, 12)[0]) == 1
+    with pytest.raises(ValueError, match="not in the decoding vocabulary"):
+        backend.generate(prompts, DIGITS, EOS, 4)
+
+
+@pytest.mark.parametrize("vocab", [None, GRID_VOCAB])
+def test_score_is_the_summed_log_prob_of_a_plain_forward(backend: Backend, vocab: list[int] | None) -> None:
+    backend.reset_lora(2)
+    train_steps(backend, 2, np.random.default_rng(9))
+    rng = np.random.default_rng(10)
+    prompts, answers = random_rows(rng, [7, 12, 3]), random_rows(rng, [4, 1, 9])
+    got = backend.score(prompts, answers, vocab)
+    assert got.dtype == np.float64 and got.shape == (3,)
+    for prompt, answer, value in zip(prompts, answers, got):
+        ids = torch.from_numpy(np.concatenate([prompt, answer]))[None]
+        log_probs = reference_log_probs(backend, ids, torch.ones_like(ids), vocab)[0, len(prompt) - 1:]
+        targets = torch.tensor(answer if vocab is None else [vocab.index(t) for t in answer])
+        expected = log_probs.gather(1, targets[:, None]).sum().item()
+        assert value == pytest.approx(expected, rel=1e-5, abs=1e-4)
+
+
+def test_real_default_model_generates_and_scores() -> None:
+    """The shipped model end to end on a tiny real prompt (built from the GGUF once, then cached)."""
+    backend = load_backend(ensure_default_model(), kind="auto", max_length=512, log=lambda _: None)
+    tokenizer = backend.tokenizer
+    digits = [tokenizer.convert_tokens_to_ids(d) for d in "0123456789"]
+    newline, eos = tokenizer.encode("\n", add_special_tokens=False)[0], tokenizer.eos_token_id
+    vocab = [*digits, newline, eos]
+    prompt = tokenizer.encode("I\n12\n34\nO\n21\n43\n", add_special_tokens=False) + [eos]
+    prompt = np.array(prompt + tokenizer.encode("I\n56\n78\nO\n", add_special_tokens=False), dtype=np.int64)
+    [out] = backend.generate([prompt], vocab, eos, 8)
+    assert 1 <= len(out) <= 8 and set(out.tolist()) <= set(vocab)
+    answer = np.array(tokenizer.encode("65\n87\n", add_special_tokens=False) + [eos], dtype=np.int64)
+    scores = backend.score([prompt, prompt], [answer, out], vocab)
+    assert np.isfinite(scores).all() and (scores < 0).all()

@@ -1,0 +1,28 @@
+"""The real default model (SmolLM2-135M) through the whole method on a real ARC task: TTT, augmented decoding,
+voting, a valid submission and a per-task log."""
+import json
+
+import pytest
+
+from build_submission import main
+from kit.submission import load_submission
+from kit.tasks import load_bundled
+
+SMALL_TASK = "66e6c45b"  # the smallest ARC-1 eval task by token count
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_real_model_on_a_real_task(tmp_path, steps):
+    out = tmp_path / "submission.json"
+    code = main(["--dataset", "arc1-eval", "--tasks", SMALL_TASK, "--steps", str(steps), "--augs", "4",
+                 "--backend", "peft", "--out", str(out)])
+    assert code == 0
+    load_submission(out, load_bundled("arc1-eval").select([SMALL_TASK]).test_counts())
+    (record,) = [json.loads(line) for line in out.with_name("submission.log.jsonl").read_text().splitlines()]
+    assert "error" not in record
+    assert record["task"] == SMALL_TASK and record["ttt_steps"] == steps and len(record["losses"]) == steps
+    if steps:
+        assert record["ttt_tokens"] > 0 and all(loss > 0 for loss in record["losses"])
+    assert len(record["candidates"]) == 1 and len(record["solved"]) == 1
+    for candidate in record["candidates"][0]:
+        assert candidate["votes"] >= 1 and len(candidate["view_scores"]) == 4

@@ -1,0 +1,55 @@
+"""The data side of TTT: leave-one-out sequences under a length limit, length buckets, padding."""
+import numpy as np
+
+from kit.augment import task_rng
+from kit.format import IGNORE, GridFormat, fit_demos, pair_tokens, sequence_tokens
+from kit.tasks import Pair, Task
+from kit.ttt import bucketed_batches, collate, training_sequences
+
+FMT = GridFormat(digit_ids=tuple(range(10, 20)), row_end_id=1, input_id=2, output_id=3, eos_id=4, bos_id=5)
+
+
+def task_with_sides(*sides: int) -> Task:
+    train = [Pair(np.ones((s, s), np.uint8), np.full((s, s), 2, np.uint8)) for s in sides]
+    return Task("t", train, [np.ones((2, 2), np.uint8)])
+
+
+def test_fit_drops_the_longest_demonstrations_first():
+    task = task_with_sides(2, 9, 3, 1)
+    query = np.ones((2, 2), np.uint8)
+    answer = 7
+    full = sequence_tokens(task.train, query) + answer
+    assert fit_demos(task.train, query, answer, full) == task.train
+    kept = fit_demos(task.train, query, answer, full - 1)
+    assert [p.input.shape[0] for p in kept] == [2, 3, 1]
+    assert fit_demos(task.train, query, answer, sequence_tokens([], query) + answer) == []
+    assert fit_demos(task.train, query, answer, 5) is None
+
+
+def test_training_sequences_respect_max_length_and_mask():
+    task = task_with_sides(2, 9, 3, 1)
+    limit = 200  # the 9x9 pair alone takes 184 tokens as a query: its context must go
+    sequences = training_sequences(FMT, task, 16, limit, task_rng(0, "t"))
+    assert len(sequences) == 16
+    for ids, labels in sequences:
+        assert len(ids) <= limit and len(ids) == len(labels)
+        assert labels[-1] == FMT.eos_id and (labels[: -(labels != IGNORE).sum()] == IGNORE).all()
+
+
+def test_a_query_that_cannot_fit_is_left_out():
+    task = task_with_sides(2, 9)
+    assert pair_tokens(task.train[1]) > 60
+    sequences = training_sequences(FMT, task, 4, 60, task_rng(0, "t"))
+    assert len(sequences) == 2  # only the two examples whose query is the small pair
+
+
+def test_buckets_group_similar_lengths_and_collate_pads_right():
+    rng = np.random.default_rng(0)
+    sequences = [(np.arange(n), np.arange(n)) for n in rng.permutation(np.arange(10, 30))]
+    batches = bucketed_batches(sequences, 4, rng)
+    assert sorted(len(ids) for b in batches for ids, _ in b) == list(range(10, 30))
+    assert all(max(len(i) for i, _ in b) - min(len(i) for i, _ in b) <= 3 for b in batches)
+    ids, labels, mask = collate(batches[0], pad_id=99)
+    lengths = [len(i) for i, _ in batches[0]]
+    assert ids.shape == (4, max(lengths)) and mask.sum().item() == sum(lengths)
+    assert (labels[mask == 0] == IGNORE).all() and (ids[mask == 0] == 99).all()
