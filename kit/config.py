@@ -28,6 +28,8 @@ class TTTSettings:
     warmup_steps: int = 5
     max_length: int = 2048
     keep_background: bool = True
+    converged_loss: float = 0.01  # stop once the mean loss of the last `converged_window` steps is below this
+    converged_window: int = 5  # (0 disables): the adapter already reproduces the task, more steps buy nothing
 
 
 @dataclass

@@ -15,6 +15,8 @@ class ResultsStore:
         self.log_path = out.with_name(out.stem + ".log.jsonl")
         self.test_counts = test_counts
         self.answers = dict(initial)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_text("", encoding="utf-8")  # the log describes the submission beside it: this run's
         self.write()
 
     def record(self, task_id: str, attempts: list[Attempts], details: dict) -> None:

@@ -2,7 +2,8 @@
 
 Leave-one-out sequences under random invertible augmentations, loss on the held-out output only, batches
 bucketed by length (little padding), a plain AdamW loop with linear warm-up/decay that stops at its step
-budget or its deadline, whichever comes first. Sequences too long for the model lose demonstrations.
+budget, its deadline or convergence, whichever comes first. Sequences too long for the model lose
+demonstrations.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class TTTResult:
     losses: list[float] = field(default_factory=list)
     tokens: int = 0
     seconds: float = 0.0
-    stopped: str = "steps"  # "steps", "deadline" or "no data"
+    stopped: str = "steps"  # "steps", "converged", "deadline" or "no data"
 
 
 Sequence = tuple[np.ndarray, np.ndarray]  # ids, labels
@@ -107,4 +108,13 @@ def fit(backend: Backend, fmt: GridFormat, batches: list[list[Sequence]], settin
         result.steps += 1
         result.losses.append(float(loss.detach()))
         result.tokens += int(mask.sum())
+        if converged(result.losses, settings):
+            result.stopped = "converged"
+            break
     backend.eval()
+
+
+def converged(losses: list[float], settings: TTTSettings) -> bool:
+    """The last `converged_window` losses average below `converged_loss`: the time is better spent elsewhere."""
+    window = settings.converged_window
+    return 0 < window <= len(losses) and sum(losses[-window:]) / window < settings.converged_loss

@@ -4,7 +4,8 @@ import numpy as np
 from kit.augment import task_rng
 from kit.format import IGNORE, GridFormat, fit_demos, pair_tokens, sequence_tokens
 from kit.tasks import Pair, Task
-from kit.ttt import bucketed_batches, collate, training_sequences
+from kit.config import TTTSettings
+from kit.ttt import bucketed_batches, collate, converged, training_sequences
 
 FMT = GridFormat(digit_ids=tuple(range(10, 20)), row_end_id=1, input_id=2, output_id=3, eos_id=4, bos_id=5)
 
@@ -53,3 +54,11 @@ def test_buckets_group_similar_lengths_and_collate_pads_right():
     lengths = [len(i) for i, _ in batches[0]]
     assert ids.shape == (4, max(lengths)) and mask.sum().item() == sum(lengths)
     assert (labels[mask == 0] == IGNORE).all() and (ids[mask == 0] == 99).all()
+
+
+def test_convergence_needs_a_full_window_of_low_losses():
+    settings = TTTSettings(converged_loss=0.01, converged_window=3)
+    assert not converged([0.001, 0.001], settings)
+    assert not converged([0.5, 0.001, 0.001, 0.05], settings)
+    assert converged([0.5, 0.001, 0.001, 0.002], settings)
+    assert not converged([0.0] * 10, TTTSettings(converged_window=0))

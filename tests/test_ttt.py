@@ -1,0 +1,72 @@
+"""The TTT loop on a tiny random Llama: budgets, deadline, convergence, and a fresh adapter for every task."""
+import time
+
+import numpy as np
+import pytest
+import torch
+from test_backend import save_tiny_llama
+
+from kit.augment import task_rng
+from kit.backend import load_backend
+from kit.config import LoraSettings, TTTSettings
+from kit.format import GridFormat
+from kit.tasks import Pair, Task
+from kit.ttt import train_task
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    return load_backend(save_tiny_llama(tmp_path_factory.mktemp("tiny")), "peft", LoraSettings(rank=4, alpha=8),
+                        max_length=128, log=lambda _: None, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def fmt(backend):
+    return GridFormat.from_tokenizer(backend.tokenizer, "tiny")
+
+
+def small_task() -> Task:
+    rng = np.random.default_rng(0)
+    train = [Pair(rng.integers(0, 10, (2, 3), dtype=np.uint8), rng.integers(0, 10, (2, 2), dtype=np.uint8))
+             for _ in range(3)]
+    return Task("t", train, [train[0].input])
+
+
+def lora_norm(backend) -> float:
+    return float(sum(p.detach().abs().sum() for p in backend.trainable_parameters()))
+
+
+def test_trains_its_step_budget_and_records_losses(backend, fmt):
+    result = train_task(backend, fmt, small_task(), TTTSettings(steps=3, batch_size=2, converged_window=0),
+                        task_rng(0, "t"), seed=1)
+    assert result.steps == 3 and len(result.losses) == 3 and result.stopped == "steps"
+    assert result.tokens > 0 and result.seconds > 0
+
+
+def test_stops_at_the_deadline(backend, fmt):
+    result = train_task(backend, fmt, small_task(), TTTSettings(steps=50, batch_size=2), task_rng(0, "t"), seed=1,
+                        deadline=time.monotonic())
+    assert result.steps == 0 and result.stopped == "deadline"
+
+
+def test_stops_when_converged(backend, fmt):
+    settings = TTTSettings(steps=50, batch_size=2, converged_loss=1e9, converged_window=2)
+    result = train_task(backend, fmt, small_task(), settings, task_rng(0, "t"), seed=1)
+    assert result.steps == 2 and result.stopped == "converged"
+
+
+def test_each_task_starts_from_a_fresh_adapter(backend, fmt):
+    train_task(backend, fmt, small_task(), TTTSettings(steps=0), task_rng(0, "t"), seed=7)
+    fresh = lora_norm(backend)
+    train_task(backend, fmt, small_task(), TTTSettings(steps=4, batch_size=2, lr=0.05, converged_window=0),
+               task_rng(0, "t"), seed=7)
+    assert lora_norm(backend) != pytest.approx(fresh)
+    train_task(backend, fmt, small_task(), TTTSettings(steps=0), task_rng(0, "t"), seed=7)
+    assert lora_norm(backend) == pytest.approx(fresh)
+
+
+def test_a_task_too_long_for_the_model_trains_nothing(backend, fmt):
+    big = Task("big", [Pair(np.zeros((12, 12), np.uint8), np.zeros((12, 12), np.uint8))] * 2,
+               [np.zeros((1, 1), np.uint8)])
+    result = train_task(backend, fmt, big, TTTSettings(steps=5, max_length=128), task_rng(0, "big"), seed=1)
+    assert result.steps == 0 and result.stopped == "no data"
