@@ -2,9 +2,9 @@
 import numpy as np
 
 from kit.augment import task_rng
+from kit.config import TTTSettings
 from kit.format import IGNORE, GridFormat, fit_demos, pair_tokens, sequence_tokens
 from kit.tasks import Pair, Task
-from kit.config import TTTSettings
 from kit.ttt import bucketed_batches, collate, converged, training_sequences
 
 FMT = GridFormat(digit_ids=tuple(range(10, 20)), row_end_id=1, input_id=2, output_id=3, eos_id=4, bos_id=5)
