@@ -7,8 +7,25 @@ import sys
 from pathlib import Path
 
 from kit.config import InferSettings, LoraSettings, RunConfig, TTTSettings
+from kit.format import FormatError
 from kit.grids import GridError
 from kit.tasks import BUNDLED
+
+
+def positive(text: str) -> int:
+    """A whole number >= 1, for sizes that cannot be zero."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    """A whole number >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
@@ -30,14 +47,15 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     m.add_argument("--model", type=Path, metavar="DIR", help="model directory (default: the embedded SmolLM2-135M)")
     m.add_argument("--backend", choices=("auto", "unsloth", "peft"), default="auto",
                    help="unsloth where it imports (auto), else transformers+peft")
-    m.add_argument("--steps", type=int, default=TTTSettings.steps, metavar="N", help="TTT steps per task (0: none)")
-    m.add_argument("--augs", type=int, default=InferSettings.augs, metavar="N",
+    m.add_argument("--steps", type=non_negative, default=TTTSettings.steps, metavar="N",
+                   help="TTT steps per task (0: none)")
+    m.add_argument("--augs", type=positive, default=InferSettings.augs, metavar="N",
                    help="augmented views decoded per test input")
-    m.add_argument("--batch-size", type=int, default=TTTSettings.batch_size, metavar="N",
+    m.add_argument("--batch-size", type=positive, default=TTTSettings.batch_size, metavar="N",
                    help="TTT sequences per step")
-    m.add_argument("--lora-rank", type=int, default=LoraSettings.rank, metavar="R")
+    m.add_argument("--lora-rank", type=positive, default=LoraSettings.rank, metavar="R")
     m.add_argument("--lr", type=float, default=TTTSettings.lr, help="TTT learning rate")
-    m.add_argument("--max-length", type=int, default=TTTSettings.max_length, metavar="TOKENS",
+    m.add_argument("--max-length", type=positive, default=TTTSettings.max_length, metavar="TOKENS",
                    help="longest sequence trained on or prompted with (demonstrations are dropped to fit)")
     m.add_argument("--rank-by", choices=("score", "votes"), default=InferSettings.rank_by,
                    help="pick attempts by product-of-experts likelihood (score) or by votes")
@@ -56,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(config)
-    except GridError as e:  # bad input: one clear line, no traceback
+    except (GridError, FormatError, OSError) as e:  # bad input or model: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -52,12 +52,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
-def weights_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """How the frozen base weights are stored: in the compute dtype, so autocast never re-casts them (the packed
-    model is bf16 already, nothing is lost). The LoRA weights stay fp32 (PEFT upcasts adapters)."""
-    return dtype
-
-
 class Backend:
     """A causal LM with one LoRA adapter attached at load time and re-initialised per task."""
 
@@ -237,7 +231,9 @@ class PeftBackend(Backend):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights_dtype(device, dtype)).to(device)
+        # Frozen weights in the compute dtype, so autocast never re-casts them (the saved model is bf16 already);
+        # PEFT keeps the adapter weights in fp32.
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
         if device.type == "cuda":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora.peft_config()))
@@ -253,7 +249,7 @@ class UnslothBackend(Backend):
         from unsloth import FastLanguageModel
 
         model, tokenizer = FastLanguageModel.from_pretrained(
-            str(model_dir), max_seq_length=max_length, load_in_4bit=False, dtype=weights_dtype(device, dtype))
+            str(model_dir), max_seq_length=max_length, load_in_4bit=False, dtype=dtype)
         model = FastLanguageModel.get_peft_model(
             model, **lora.peft_config(), random_state=seed,
             use_gradient_checkpointing="unsloth" if device.type == "cuda" else False)

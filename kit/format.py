@@ -22,7 +22,6 @@ from kit.tasks import Pair, Task
 IGNORE = -100  # label of a token that carries no loss (the convention of HF causal LMs)
 DIGITS = tuple(str(d) for d in range(NUM_COLOURS))
 ROW_END, INPUT_MARK, OUTPUT_MARK = "\n", "I", "O"
-FORMAT_VERSION = 1
 
 
 class FormatError(ValueError):
@@ -107,12 +106,6 @@ class GridFormat:
     def grid_vocabulary(self) -> list[int]:
         """The ids an answer may contain: digits, row end, EOS (what decoding is restricted to)."""
         return [*self.digit_ids, self.row_end_id, self.eos_id]
-
-    @property
-    def used_ids(self) -> list[int]:
-        """Every id the format ever emits (what a shrunk vocabulary keeps)."""
-        specials = [] if self.bos_id is None else [self.bos_id]
-        return sorted({*self.grid_vocabulary, self.input_id, self.output_id, *specials})
 
     def encode_grid(self, grid: Grid) -> np.ndarray:
         cells = np.asarray(self.digit_ids, dtype=np.int64)[grid]

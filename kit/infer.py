@@ -26,12 +26,16 @@ def inference_views(rng: np.random.Generator, count: int, num_demos: int, keep_b
     return [Augmentation(), *others]
 
 
+PLAUSIBLE_MARGIN = 1.25  # ARC-1/2 eval outputs up to a quarter larger than every demonstration's side exist
+
+
 def plausible_side(task: Task, test_input: Grid) -> int:
     """The longest side a test output could plausibly have: the larger of the demonstrations' outputs and the
-    test input scaled as the demonstrations scale their inputs. Caps decoding length."""
+    test input scaled as the demonstrations scale their inputs, plus a margin. Caps decoding length."""
     scale = max(max(p.output.shape) / max(p.input.shape) for p in task.train)
     demo_side = max(max(p.output.shape) for p in task.train)
-    return min(MAX_SIDE, max(demo_side, math.ceil(max(test_input.shape) * scale)))
+    side = max(demo_side, math.ceil(max(test_input.shape) * scale))
+    return min(MAX_SIDE, math.ceil(side * PLAUSIBLE_MARGIN))
 
 
 def view_prompt(fmt: GridFormat, task: Task, test_input: Grid, view: Augmentation, answer_tokens: int,
@@ -71,8 +75,13 @@ def score_under_views(backend: Backend, fmt: GridFormat, candidates: list[Candid
     """Fill each candidate's view_scores: log p(candidate seen through the view | the view's prompt)."""
     pairs = [(c, prompt, fmt.encode_answer(view.grid(c.grid)))
              for c in candidates for view, prompt in zip(views, prompts)]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        scores = backend.score([p for _, p, _ in chunk], [a for _, _, a in chunk], fmt.grid_vocabulary)
-        for (candidate, _, _), value in zip(chunk, scores):
-            candidate.view_scores.append(float(value))
+    # A candidate too long to be seen through a view scores -inf there (no evidence for it) instead of failing.
+    values = [float("-inf")] * len(pairs)
+    scorable = [i for i, (_, p, a) in enumerate(pairs) if len(p) + len(a) <= backend.max_length]
+    for start in range(0, len(scorable), batch_size):
+        chunk = scorable[start:start + batch_size]
+        scores = backend.score([pairs[i][1] for i in chunk], [pairs[i][2] for i in chunk], fmt.grid_vocabulary)
+        for i, value in zip(chunk, scores):
+            values[i] = float(value)
+    for (candidate, _, _), value in zip(pairs, values):
+        candidate.view_scores.append(value)

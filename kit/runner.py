@@ -36,9 +36,11 @@ def load_task_set(config: RunConfig) -> TaskSet:
         task_set = load_challenges(config.challenges, skip_bad=config.skip_bad)
     else:
         task_set = load_bundled(config.dataset or "arc1-eval", skip_bad=config.skip_bad)
+    if config.tasks:
+        task_set = task_set.select(config.tasks)
     if config.solutions is not None:
         attach_solutions(task_set, load_solutions(config.solutions), str(config.solutions))
-    return task_set.select(config.tasks) if config.tasks else task_set
+    return task_set
 
 
 def solve_with_model(task_set: TaskSet, store: ResultsStore, config: RunConfig, phases: dict[str, float],
@@ -54,6 +56,8 @@ def solve_with_model(task_set: TaskSet, store: ResultsStore, config: RunConfig, 
 
     with timed(phases, "model load"):
         model_dir = config.model or ensure_default_model(log)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
         backend = load_backend(model_dir, config.backend, config.lora, config.ttt.max_length, config.seed, log)
         fmt = GridFormat.from_tokenizer(backend.tokenizer, str(model_dir))
     solved = 0

@@ -27,12 +27,17 @@ def solve_task(backend: Backend, fmt: GridFormat, task: Task, config: RunConfig,
                      seed=zlib.crc32(f"{config.seed}:{task.id}".encode()), deadline=deadline)
     start = time.monotonic()
     rng = task_rng(config.seed, task.id, "infer")
-    attempts, candidates = [], []
-    for test_input in task.test_inputs:
-        ranked = rank(predict(backend, fmt, task, test_input, config.infer, rng), config.infer.rank_by)
+    attempts, candidates, errors = [], [], []
+    for i, test_input in enumerate(task.test_inputs):
+        try:
+            ranked = rank(predict(backend, fmt, task, test_input, config.infer, rng), config.infer.rank_by)
+        except Exception as e:  # noqa: BLE001 - this test input falls back; the task's other answers stand
+            ranked = []
+            errors.append(f"test[{i}]: {e!r}")
         attempts.append(two_attempts(ranked, fallback=test_input))
         candidates.append([c.to_record() for c in ranked])
-    details = {"ttt_steps": ttt.steps, "ttt_stopped": ttt.stopped, "ttt_tokens": ttt.tokens,
+    details = {"errors": errors} if errors else {}
+    details |= {"ttt_steps": ttt.steps, "ttt_stopped": ttt.stopped, "ttt_tokens": ttt.tokens,
                "losses": [round(x, 4) for x in ttt.losses], "ttt_seconds": round(ttt.seconds, 3),
                "infer_seconds": round(time.monotonic() - start, 3), "candidates": candidates}
     if task.test_outputs is not None:

@@ -50,6 +50,7 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it private; a submission is read by other tools and users
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(payload, f, separators=(",", ":"))
             f.flush()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -90,8 +91,8 @@ def fit(backend: Backend, fmt: GridFormat, batches: list[list[Sequence]], settin
     """The training loop proper: AdamW, linear warm-up then decay, gradient clipping; records into `result`."""
     params = backend.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
-        (step + 1) / max(settings.warmup_steps, 1), max(0.0, (len(batches) - step) / len(batches))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=settings.warmup_steps,
+                                                                    total=len(batches)))
     vocab = torch.tensor(fmt.grid_vocabulary, dtype=torch.long)
     backend.train()
     for batch in batches:
@@ -112,6 +113,13 @@ def fit(backend: Backend, fmt: GridFormat, batches: list[list[Sequence]], settin
             result.stopped = "converged"
             break
     backend.eval()
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to the full learning rate over `warmup` steps, then linear decay to zero at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(total - warmup, 1))
 
 
 def converged(losses: list[float], settings: TTTSettings) -> bool:

@@ -2,12 +2,12 @@
 back to the task's frame, merged into votes, and scored under every view."""
 import numpy as np
 
-from kit.augment import task_rng
+from kit.augment import Augmentation, task_rng
 from kit.config import InferSettings
 from kit.format import GridFormat
-from kit.infer import predict
+from kit.infer import predict, score_under_views
 from kit.tasks import Pair, Task
-from kit.vote import rank, two_attempts
+from kit.vote import Candidate, rank, two_attempts
 
 FMT = GridFormat(digit_ids=tuple(range(10, 20)), row_end_id=1, input_id=2, output_id=3, eos_id=4, bos_id=5)
 
@@ -16,8 +16,8 @@ class CopyingModel:
     """Answers every prompt with its query input (the rule of an identity task), except that it garbles the
     answer of every third prompt. Scores an answer by its length, so every view gives a score."""
 
-    def __init__(self):
-        self.decoded, self.scored = 0, []
+    def __init__(self, max_length: int = 10_000):
+        self.decoded, self.scored, self.max_length = 0, [], max_length
 
     def generate(self, prompts, vocab, eos_id, max_new_tokens):
         answers = []
@@ -48,10 +48,23 @@ def test_answers_are_inverted_voted_and_scored_under_every_view():
     assert sorted(best.view_scores) == [-17.0] * 4 + [-16.0] * 4
 
 
-def test_a_tiny_decoding_budget_still_gives_two_attempts():
+def test_demonstrations_are_dropped_to_leave_room_for_the_answer():
     train = [Pair(np.ones((2, 2), np.uint8), np.ones((2, 2), np.uint8))]
     test_input = np.full((2, 2), 3, np.uint8)
-    candidates = predict(CopyingModel(), FMT, Task("t", train, [test_input]), test_input,
-                         InferSettings(augs=2, max_length=14), task_rng(0, "t"))
-    attempts = two_attempts(rank(candidates), fallback=test_input)
-    assert len(attempts) == 2 and all(a.shape == (2, 2) for a in attempts)
+    task = Task("t", train, [test_input])
+    # prompt without the demonstration: BOS I 3 3 / 3 3 / O = 9 tokens; answer budget for side 3: 13 tokens
+    model = CopyingModel()
+    candidates = predict(model, FMT, task, test_input, InferSettings(augs=2, max_length=22), task_rng(0, "t"))
+    assert model.decoded == 2 and (rank(candidates)[0].grid == test_input).all()
+    nothing_fits = predict(CopyingModel(), FMT, task, test_input, InferSettings(augs=2, max_length=21),
+                           task_rng(0, "t"))
+    assert nothing_fits == []
+    assert all(a.shape == (2, 2) for a in two_attempts(rank(nothing_fits), fallback=test_input))
+
+
+def test_a_candidate_too_long_for_a_view_gets_no_score_there_instead_of_failing():
+    candidate = Candidate(np.ones((1, 6), np.uint8))
+    prompts = [np.arange(5), np.arange(5)]
+    model = CopyingModel(max_length=5 + 8)  # 1x6 takes 8 tokens with EOS; seen transposed, 6x1 takes 13
+    score_under_views(model, FMT, [candidate], [Augmentation(), Augmentation(symmetry=4)], prompts, batch_size=4)
+    assert candidate.view_scores == [-8.0, float("-inf")]

@@ -5,7 +5,7 @@ from kit.augment import task_rng
 from kit.config import TTTSettings
 from kit.format import IGNORE, GridFormat, fit_demos, pair_tokens, sequence_tokens
 from kit.tasks import Pair, Task
-from kit.ttt import bucketed_batches, collate, converged, training_sequences
+from kit.ttt import bucketed_batches, collate, converged, lr_factor, training_sequences
 
 FMT = GridFormat(digit_ids=tuple(range(10, 20)), row_end_id=1, input_id=2, output_id=3, eos_id=4, bos_id=5)
 
@@ -62,3 +62,9 @@ def test_convergence_needs_a_full_window_of_low_losses():
     assert not converged([0.5, 0.001, 0.001, 0.05], settings)
     assert converged([0.5, 0.001, 0.001, 0.002], settings)
     assert not converged([0.0] * 10, TTTSettings(converged_window=0))
+
+
+def test_learning_rate_warms_up_to_full_then_decays_to_zero():
+    factors = [lr_factor(step, warmup=5, total=60) for step in range(61)]
+    assert factors[0] == 0.2 and factors[4] == 1.0 and factors[5] == 1.0
+    assert all(a >= b for a, b in zip(factors[5:], factors[6:])) and factors[60] == 0.0

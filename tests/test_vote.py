@@ -48,5 +48,5 @@ def test_views_start_with_identity_and_cover_the_symmetries():
 
 def test_plausible_side_follows_the_demonstrations_scale():
     upscale = Task("t", [Pair(np.zeros((2, 2), np.uint8), np.zeros((6, 6), np.uint8))], [np.zeros((4, 3), np.uint8)])
-    assert plausible_side(upscale, upscale.test_inputs[0]) == 12
+    assert plausible_side(upscale, upscale.test_inputs[0]) == 15  # 4 x 3, plus a quarter
     assert plausible_side(upscale, np.zeros((20, 20), np.uint8)) == 30
