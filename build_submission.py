@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="TTT sequences per step")
     m.add_argument("--lora-rank", type=positive, default=LoraSettings.rank, metavar="R")
     m.add_argument("--lr", type=float, default=TTTSettings.lr, help="TTT learning rate")
-    m.add_argument("--max-length", type=positive, default=TTTSettings.max_length, metavar="TOKENS",
+    m.add_argument("--max-length", type=positive, default=RunConfig.max_length, metavar="TOKENS",
                    help="longest sequence trained on or prompted with (demonstrations are dropped to fit)")
     m.add_argument("--rank-by", choices=("score", "votes"), default=InferSettings.rank_by,
                    help="pick attempts by product-of-experts likelihood (score) or by votes")
@@ -63,9 +63,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     return RunConfig(
         challenges=args.challenges, solutions=args.solutions, dataset=args.dataset, tasks=args.tasks, out=args.out,
         seed=args.seed, no_model=args.no_model, skip_bad=args.skip_bad, model=args.model, backend=args.backend,
+        max_length=args.max_length,
         lora=LoraSettings(rank=args.lora_rank, alpha=args.lora_rank),
-        ttt=TTTSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length),
-        infer=InferSettings(augs=args.augs, max_length=args.max_length, rank_by=args.rank_by))
+        ttt=TTTSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr),
+        infer=InferSettings(augs=args.augs, rank_by=args.rank_by))
 
 
 def main(argv: list[str] | None = None) -> int:

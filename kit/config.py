@@ -26,7 +26,6 @@ class TTTSettings:
     batch_size: int = 4
     lr: float = 1e-3
     warmup_steps: int = 5
-    max_length: int = 2048
     keep_background: bool = True
     converged_loss: float = 0.01  # stop once the mean loss of the last `converged_window` steps is below this
     converged_window: int = 5  # (0 disables): the adapter already reproduces the task, more steps buy nothing
@@ -35,7 +34,6 @@ class TTTSettings:
 @dataclass
 class InferSettings:
     augs: int = 8  # views decoded per test input
-    max_length: int = 2048
     batch_size: int = 16  # sequences per forward pass when decoding and scoring
     keep_background: bool = True
     rank_by: str = "score"  # how vote.py ranks candidates: "score" (product of experts) or "votes"
@@ -53,6 +51,7 @@ class RunConfig:
     skip_bad: bool = False  # a task that fails validation gets a fallback answer instead of stopping the run
     model: Path | None = None  # model directory; None: the embedded default
     backend: str = "auto"  # auto | unsloth | peft
+    max_length: int = 2048  # longest sequence trained on or prompted with (the backend also caps it by the model)
     lora: LoraSettings = field(default_factory=LoraSettings)
     ttt: TTTSettings = field(default_factory=TTTSettings)
     infer: InferSettings = field(default_factory=InferSettings)

@@ -52,7 +52,7 @@ def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, set
     answer_tokens = answer_budget(plausible_side(task, test_input))
     views, prompts = [], []
     for view in inference_views(rng, settings.augs, len(task.train), settings.keep_background):
-        prompt = view_prompt(fmt, task, test_input, view, answer_tokens, settings.max_length)
+        prompt = view_prompt(fmt, task, test_input, view, answer_tokens, backend.max_length)
         if prompt is not None:
             views.append(view)
             prompts.append(prompt)

@@ -58,7 +58,7 @@ def solve_with_model(task_set: TaskSet, store: ResultsStore, config: RunConfig, 
         model_dir = config.model or ensure_default_model(log)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
-        backend = load_backend(model_dir, config.backend, config.lora, config.ttt.max_length, config.seed, log)
+        backend = load_backend(model_dir, config.backend, config.lora, config.max_length, config.seed, log)
         fmt = GridFormat.from_tokenizer(backend.tokenizer, str(model_dir))
     solved = 0
     bar = tqdm(task_set.tasks, desc="tasks", unit="task")

@@ -76,7 +76,7 @@ def train_task(backend: Backend, fmt: GridFormat, task: Task, settings: TTTSetti
     result = TTTResult()
     backend.reset_lora(seed)
     if settings.steps > 0:
-        sequences = training_sequences(fmt, task, settings.steps * settings.batch_size, settings.max_length, rng,
+        sequences = training_sequences(fmt, task, settings.steps * settings.batch_size, backend.max_length, rng,
                                        settings.keep_background)
         if sequences:
             fit(backend, fmt, bucketed_batches(sequences, settings.batch_size, rng), settings, deadline, result)

@@ -53,10 +53,10 @@ def test_demonstrations_are_dropped_to_leave_room_for_the_answer():
     test_input = np.full((2, 2), 3, np.uint8)
     task = Task("t", train, [test_input])
     # prompt without the demonstration: BOS I 3 3 / 3 3 / O = 9 tokens; answer budget for side 3: 13 tokens
-    model = CopyingModel()
-    candidates = predict(model, FMT, task, test_input, InferSettings(augs=2, max_length=22), task_rng(0, "t"))
+    model = CopyingModel(max_length=22)
+    candidates = predict(model, FMT, task, test_input, InferSettings(augs=2), task_rng(0, "t"))
     assert model.decoded == 2 and (rank(candidates)[0].grid == test_input).all()
-    nothing_fits = predict(CopyingModel(), FMT, task, test_input, InferSettings(augs=2, max_length=21),
+    nothing_fits = predict(CopyingModel(max_length=21), FMT, task, test_input, InferSettings(augs=2),
                            task_rng(0, "t"))
     assert nothing_fits == []
     assert all(a.shape == (2, 2) for a in two_attempts(rank(nothing_fits), fallback=test_input))

@@ -68,5 +68,5 @@ def test_each_task_starts_from_a_fresh_adapter(backend, fmt):
 def test_a_task_too_long_for_the_model_trains_nothing(backend, fmt):
     big = Task("big", [Pair(np.zeros((12, 12), np.uint8), np.zeros((12, 12), np.uint8))] * 2,
                [np.zeros((1, 1), np.uint8)])
-    result = train_task(backend, fmt, big, TTTSettings(steps=5, max_length=128), task_rng(0, "big"), seed=1)
+    result = train_task(backend, fmt, big, TTTSettings(steps=5), task_rng(0, "big"), seed=1)
     assert result.steps == 0 and result.stopped == "no data"
