@@ -9,6 +9,7 @@ from pathlib import Path
 from kit.config import InferSettings, LoraSettings, RunConfig, TTTSettings
 from kit.format import FormatError
 from kit.grids import GridError
+from kit.schedule import parse_duration
 from kit.tasks import BUNDLED
 
 
@@ -26,6 +27,22 @@ def non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
+
+
+def duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def size(text: str) -> int:
+    from kit.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
@@ -59,11 +76,31 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="longest sequence trained on or prompted with (demonstrations are dropped to fit)")
     m.add_argument("--rank-by", choices=("score", "votes"), default=InferSettings.rank_by,
                    help="pick attempts by product-of-experts likelihood (score) or by votes")
+    b = p.add_argument_group("time and memory budget, workers, checkpoints")
+    b.add_argument("--budget", type=duration, metavar="TIME",
+                   help="whole-run time limit (11h30m, 10m, 90s): the planner spends it where it solves most, "
+                        "--steps/--augs become upper bounds, the run ends inside it")
+    b.add_argument("--margin", type=duration, metavar="TIME",
+                   help="kept free before the budget ends (default: 3%% of it, at least 10s)")
+    b.add_argument("--workers", type=positive, metavar="N", help="worker processes (default: one per GPU, or 1)")
+    b.add_argument("--memory", type=size, metavar="SIZE",
+                   help="memory per worker, e.g. 14GiB (GPU memory on CUDA, RAM on CPU; default: what is free)")
+    b.add_argument("--resume", action="store_true",
+                   help="keep the tasks finished in the log beside --out and do the rest")
+    b.add_argument("--plan", action="store_true", help="print the plan (steps, minutes, finish, margin) and stop")
+    b.add_argument("--plan-tasks", type=positive, metavar="N",
+                   help="with --plan: project N tasks (the loaded ones, cycled), e.g. Kaggle's 120")
+    b.add_argument("--calibrate", action="store_true",
+                   help="measure train/decode throughput of this machine and model (~1 min), save --profile, stop")
+    b.add_argument("--profile", type=Path, metavar="FILE",
+                   help="throughput profile to read or write (default: throughput.json beside --out)")
     args = p.parse_args(argv)
     return RunConfig(
         challenges=args.challenges, solutions=args.solutions, dataset=args.dataset, tasks=args.tasks, out=args.out,
         seed=args.seed, no_model=args.no_model, skip_bad=args.skip_bad, model=args.model, backend=args.backend,
-        max_length=args.max_length,
+        max_length=args.max_length, budget=args.budget, margin=args.margin, workers=args.workers,
+        memory=args.memory, resume=args.resume, plan_only=args.plan, plan_tasks=args.plan_tasks,
+        calibrate=args.calibrate, profile=args.profile,
         lora=LoraSettings(rank=args.lora_rank, alpha=args.lora_rank),
         ttt=TTTSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr),
         infer=InferSettings(augs=args.augs, rank_by=args.rank_by))

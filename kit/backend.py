@@ -99,6 +99,17 @@ class Backend:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._lora)
 
+    def set_checkpointing(self, on: bool) -> None:
+        """Gradient checkpointing of the decoder layers: recompute activations in the backward pass instead of
+        keeping them (the memory plan turns it on when a task's batch would not fit otherwise)."""
+        base = self.model.get_base_model()
+        if on == bool(getattr(base, "is_gradient_checkpointing", False)):
+            return
+        if on:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_disable()
+
     def train(self) -> None:
         self.model.train()
 
@@ -159,11 +170,12 @@ class Backend:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[np.ndarray], vocab: Ids, eos_id: int,
-                 max_new_tokens: int) -> list[np.ndarray]:
+                 max_new_tokens: int, deadline: float | None = None) -> list[np.ndarray]:
         """Greedy continuation of each prompt over `vocab` only, batched with left padding and a KV cache.
 
         Each row ends at its first `eos_id` (kept in its output) or after `max_new_tokens`, also limited
-        so that no sequence exceeds `max_length`. Switches to eval mode.
+        so that no sequence exceeds `max_length`, or when `deadline` (time.monotonic()) passes: rows cut off
+        there have no EOS. Switches to eval mode.
         """
         allowed = self._ids(vocab)
         if not bool((allowed == eos_id).any()):
@@ -184,7 +196,7 @@ class Backend:
                 chosen = chosen.masked_fill(finished, eos_id)
                 steps.append(chosen)
                 finished |= chosen == eos_id
-                if bool(finished.all()):
+                if bool(finished.all()) or (deadline is not None and time.monotonic() >= deadline):
                     break
                 input_ids, positions = chosen[:, None], positions[:, -1:] + 1
                 attention_mask = F.pad(attention_mask, (0, 1), value=1)
@@ -254,6 +266,11 @@ class UnslothBackend(Backend):
             model, **lora.peft_config(), random_state=seed,
             use_gradient_checkpointing="unsloth" if device.type == "cuda" else False)
         return cls(model, tokenizer, device, dtype, max_length, seed)
+
+    def set_checkpointing(self, on: bool) -> None:
+        """On CUDA unsloth's own checkpointing is always on (set at load); elsewhere as the base class."""
+        if self.device.type != "cuda":
+            super().set_checkpointing(on)
 
     def train(self) -> None:
         from unsloth import FastLanguageModel

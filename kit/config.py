@@ -29,6 +29,7 @@ class TTTSettings:
     keep_background: bool = True
     converged_loss: float = 0.01  # stop once the mean loss of the last `converged_window` steps is below this
     converged_window: int = 5  # (0 disables): the adapter already reproduces the task, more steps buy nothing
+    max_length: int | None = None  # longest training sequence, below the backend's (memory plan, OOM retry)
 
 
 @dataclass
@@ -52,6 +53,24 @@ class RunConfig:
     model: Path | None = None  # model directory; None: the embedded default
     backend: str = "auto"  # auto | unsloth | peft
     max_length: int = 2048  # longest sequence trained on or prompted with (the backend also caps it by the model)
+    budget: float | None = None  # seconds for the whole run; None: every task gets the full steps and views
+    margin: float | None = None  # seconds kept free before the budget ends; None: max(10 s, 3% of the budget)
+    workers: int | None = None  # worker processes; None: one per visible GPU, else one
+    resume: bool = False  # keep the tasks finished in the log beside `out`, do the rest
+    plan_only: bool = False  # print the plan and stop
+    plan_tasks: int | None = None  # with plan_only: project this many tasks (the loaded ones, cycled)
+    calibrate: bool = False  # measure this machine's throughput, save the profile and stop
+    profile: Path | None = None  # throughput profile; None: throughput.json beside `out` when it exists
+    memory: int | None = None  # bytes a worker may use (GPU memory on CUDA, RAM on CPU); None: what is free
+    allocation: str = "plan"  # "plan": the scheduler; "uniform": one level for all (bench/scheduler.py's baseline)
     lora: LoraSettings = field(default_factory=LoraSettings)
     ttt: TTTSettings = field(default_factory=TTTSettings)
     infer: InferSettings = field(default_factory=InferSettings)
+
+    def safety_margin(self) -> float:
+        if self.margin is not None:
+            return self.margin
+        return max(10.0, 0.03 * self.budget) if self.budget else 0.0
+
+    def profile_path(self) -> Path:
+        return self.profile or self.out.with_name("throughput.json")

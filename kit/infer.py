@@ -3,6 +3,7 @@ answer back, then score every distinct candidate under every view (product of ex
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,8 +48,9 @@ def view_prompt(fmt: GridFormat, task: Task, test_input: Grid, view: Augmentatio
 
 
 def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, settings: InferSettings,
-            rng: np.random.Generator) -> list[Candidate]:
-    """Candidates for one test input, each with its votes and its log-likelihood under every view."""
+            rng: np.random.Generator, deadline: float | None = None) -> list[Candidate]:
+    """Candidates for one test input, each with its votes and its log-likelihood under every view. At
+    `deadline` (a time.monotonic() instant) decoding and scoring stop where they are."""
     answer_tokens = answer_budget(plausible_side(task, test_input))
     views, prompts = [], []
     for view in inference_views(rng, settings.augs, len(task.train), settings.keep_background):
@@ -58,27 +60,36 @@ def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, set
             prompts.append(prompt)
     grids = []
     for start in range(0, len(prompts), settings.batch_size):
+        if start and past(deadline):
+            break
         outputs = backend.generate(prompts[start:start + settings.batch_size], fmt.grid_vocabulary, fmt.eos_id,
-                                   answer_tokens)
+                                   answer_tokens, deadline)
         for view, ids in zip(views[start:], outputs):
             try:
                 grids.append(view.invert_grid(fmt.parse_grid(ids)))
             except FormatError:
                 continue
     candidates = tally(grids)
-    score_under_views(backend, fmt, candidates, views, prompts, settings.batch_size)
+    score_under_views(backend, fmt, candidates, views, prompts, settings.batch_size, deadline)
     return candidates
 
 
+def past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
 def score_under_views(backend: Backend, fmt: GridFormat, candidates: list[Candidate], views: list[Augmentation],
-                      prompts: list[np.ndarray], batch_size: int) -> None:
-    """Fill each candidate's view_scores: log p(candidate seen through the view | the view's prompt)."""
+                      prompts: list[np.ndarray], batch_size: int, deadline: float | None = None) -> None:
+    """Fill each candidate's view_scores: log p(candidate seen through the view | the view's prompt). Pairs not
+    scored by `deadline` score -inf, like over-long ones: ranking then falls back on votes."""
     pairs = [(c, prompt, fmt.encode_answer(view.grid(c.grid)))
              for c in candidates for view, prompt in zip(views, prompts)]
     # A candidate too long to be seen through a view scores -inf there (no evidence for it) instead of failing.
     values = [float("-inf")] * len(pairs)
     scorable = [i for i, (_, p, a) in enumerate(pairs) if len(p) + len(a) <= backend.max_length]
     for start in range(0, len(scorable), batch_size):
+        if past(deadline):
+            break
         chunk = scorable[start:start + batch_size]
         scores = backend.score([pairs[i][1] for i in chunk], [pairs[i][2] for i in chunk], fmt.grid_vocabulary)
         for i, value in zip(chunk, scores):

@@ -1,16 +1,24 @@
-"""Ties the pipeline together: load tasks, write the baseline at once, solve task after task (each result
-checkpointed as it comes), then validate the final submission.json and score it when solutions are known."""
+"""Ties the pipeline together: load tasks, write the baseline at once, plan the budget, hand the tasks to the
+workers (each result checkpointed as it comes, the plan redone with real timings), then validate the final
+submission.json and score it when solutions are known.
+
+The runner owns the clock: with a budget, the deadline is the run's start plus the budget less a safety margin;
+no job is started that its estimate says cannot finish by then, and every job carries the deadline itself.
+"""
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 from kit.config import RunConfig
 from kit.results import ResultsStore
+from kit.schedule import Assignment, Planner, Profile, TaskEstimate, format_duration, plan_summary
 from kit.submission import Score, baseline_attempts, score_submission, solutions_of
-from kit.tasks import TaskSet, attach_solutions, load_bundled, load_challenges, load_solutions
+from kit.tasks import Task, TaskSet, attach_solutions, load_bundled, load_challenges, load_solutions
+
+TTT_SLACK = 1.5  # a task may train this much longer than its estimate before its TTT deadline stops it
 
 
 @dataclass
@@ -43,53 +51,158 @@ def load_task_set(config: RunConfig) -> TaskSet:
     return task_set
 
 
-def solve_with_model(task_set: TaskSet, store: ResultsStore, config: RunConfig, phases: dict[str, float],
-                     log: Callable[[str], None]) -> None:
-    """Each task through TTT + augmented inference; a failure inside a task is logged and the task keeps its
-    baseline answer, the run goes on."""
+def load_profile(config: RunConfig, log: Callable[[str], None]) -> Profile:
+    path = config.profile_path()
+    if path.is_file():
+        profile = Profile.load(path)
+        log(f"throughput profile {path} ({profile.device}, {profile.model or 'model not named'})")
+        return profile
+    if config.profile is not None:
+        raise FileNotFoundError(f"{path}: no such throughput profile (make one with --calibrate)")
+    return Profile()
+
+
+def make_planner(config: RunConfig, profile: Profile) -> Planner:
+    return Planner(profile, config.ttt.steps, config.infer.augs)
+
+
+def estimate(config: RunConfig, task: Task) -> TaskEstimate:
+    return TaskEstimate.of(task, config.ttt.batch_size, config.max_length)
+
+
+def print_plan(config: RunConfig, task_set: TaskSet, log: Callable[[str], None]) -> list[Assignment]:
+    """The plan a run would follow, with each task's expected time and the projected finish on the workers,
+    simulated as the run does it: each task goes to the first free worker, cut down to what still fits.
+    (`--plan-tasks` cycles the loaded tasks to project a run of another size, e.g. Kaggle's hidden set.)"""
+    planner = make_planner(config, load_profile(config, log))
+    tasks = task_set.tasks
+    count = config.plan_tasks or len(tasks)
+    estimates = {}
+    for i in range(count if tasks else 0):
+        est = estimate(config, tasks[i % len(tasks)])
+        copy = i // len(tasks)
+        estimates[f"{est.task_id}~{copy}" if copy else est.task_id] = est
+    estimates = {key: replace(est, task_id=key) for key, est in estimates.items()}
+    workers = config.workers or 1
+    start = planner.profile.model_load_s
+    end = config.budget - config.safety_margin() if config.budget else float("inf")
+    if config.budget:
+        plan = planner.plan(list(estimates.values()), max(0.0, end - start) * workers)
+    else:
+        plan = planner.uniform(list(estimates.values()), None)
+    free = [start] * workers
+    log(f"{'task':<12} {'steps':>5} {'views':>5} {'minutes':>8} {'finish':>10}")
+    final = []
+    for a in plan:
+        w = free.index(min(free))
+        a = planner.fit(estimates[a.task_id], a, end - free[w])
+        free[w] += a.seconds
+        final.append(a)
+        log(f"{a.task_id:<12} {a.steps:>5} {a.views:>5} {a.seconds / 60:>8.2f} {format_duration(free[w]):>10}")
+    finish = max(free, default=start)
+    log(plan_summary(final, sum(free) - start * workers if not config.budget else (end - start) * workers,
+                     workers))
+    if config.budget:
+        log(f"projected finish {format_duration(finish)} of a {format_duration(config.budget)} budget: margin "
+            f"{format_duration(config.budget - finish)} (safety margin {format_duration(config.safety_margin())})"
+            + ("" if planner.profile.calibrated else "; profile not calibrated: run --calibrate on this machine"))
+    else:
+        log(f"projected finish {format_duration(finish)} (no budget: every task at {config.ttt.steps} steps, "
+            f"{config.infer.augs} views)")
+    return final
+
+
+def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started: float,
+              phases: dict[str, float], log: Callable[[str], None]) -> None:
+    """Every task not done yet through a worker, in the planner's order, re-planning after each result."""
     from tqdm import tqdm
 
-    from kit.backend import load_backend
-    from kit.format import GridFormat
-    from kit.solve import solve_task
-    from kit.weights import ensure_default_model
+    from kit.workers import InlinePool, Job, ProcessPool, visible_gpus
 
+    deadline = started + config.budget - config.safety_margin() if config.budget else None
+    tasks = {t.id: t for t in task_set.tasks if t.id not in store.done}
+    if store.done:
+        log(f"resuming: {len(store.done)} tasks already done, {len(tasks)} to go")
+    planner = make_planner(config, load_profile(config, log))
+    estimates = {i: estimate(config, t) for i, t in tasks.items()}
+    workers = config.workers or max(1, visible_gpus())
     with timed(phases, "model load"):
-        model_dir = config.model or ensure_default_model(log)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
-        backend = load_backend(model_dir, config.backend, config.lora, config.max_length, config.seed, log)
-        fmt = GridFormat.from_tokenizer(backend.tokenizer, str(model_dir))
-    solved = 0
-    bar = tqdm(task_set.tasks, desc="tasks", unit="task")
-    for task in bar:
-        start = time.perf_counter()
-        try:
-            attempts, details = solve_task(backend, fmt, task, config)
-        except Exception as e:  # noqa: BLE001 - one task's failure must not end the run
-            log(f"task {task.id} failed, baseline kept: {e!r}")
-            attempts, details = baseline_attempts(task), {"error": repr(e)}
-        details["seconds"] = round(time.perf_counter() - start, 3)
-        for phase in ("ttt", "infer"):
-            phases[phase] = phases.get(phase, 0.0) + details.get(f"{phase}_seconds", 0.0)
-        store.record(task.id, attempts, details)
-        solved += sum(details.get("solved", []))
-        if task.test_outputs is not None:
-            bar.set_postfix(solved=solved)
+        pool = InlinePool(config, log) if workers == 1 else ProcessPool(config, workers, log)
+    in_flight: dict[str, tuple[Assignment, float]] = {}  # task -> (assignment, start)
+
+    def replan(ids: list[str]) -> list[Assignment]:
+        pending = [estimates[i] for i in ids]
+        if deadline is None:
+            return planner.uniform(pending, None)
+        now = time.monotonic()
+        busy = sum(max(0.0, a.seconds - (now - t0)) for a, t0 in in_flight.values())
+        allocate = planner.uniform if config.allocation == "uniform" else planner.plan
+        return allocate(pending, max(0.0, (deadline - now) * workers - busy))
+
+    queue = replan(list(tasks))
+    solved, counts = 0, {"trained": 0, "inference only": 0, "fallback (no time)": 0, "failed": 0}
+    bar = tqdm(total=len(task_set.tasks), initial=len(store.done), desc="tasks", unit="task")
+    try:
+        while queue or in_flight:
+            while queue and pool.idle():
+                a = queue.pop(0)
+                now = time.monotonic()
+                if deadline is not None:
+                    a = planner.fit(estimates[a.task_id], a, deadline - now)
+                if not a.runs_model:
+                    store.record(a.task_id, baseline_attempts(tasks[a.task_id]), {"fallback": "no time"})
+                    counts["fallback (no time)"] += 1
+                    bar.update()
+                    continue
+                train, infer = planner.costs(estimates[a.task_id], a)
+                ttt_deadline = None if deadline is None else min(deadline - infer, now + TTT_SLACK * train + 5)
+                pool.submit(Job(tasks[a.task_id], a.steps, a.views, ttt_deadline, deadline))
+                in_flight[a.task_id] = (a, now)
+            if not in_flight:
+                break
+            result = pool.next_result()
+            in_flight.pop(result.task_id, None)
+            details = result.details
+            planner.observe(estimates[result.task_id], details)
+            for phase in ("ttt", "infer"):
+                phases[phase] = phases.get(phase, 0.0) + details.get(f"{phase}_seconds", 0.0)
+            store.record(result.task_id, result.attempts, details)
+            solved += sum(details.get("solved", []))
+            counts["failed" if "error" in details else "trained" if details.get("ttt_steps") else
+                   "inference only"] += 1
+            bar.update()
+            if task_set.has_solutions():
+                bar.set_postfix(solved=solved)
+            queue = replan([a.task_id for a in queue])
+    finally:
+        bar.close()
+        pool.close()
+    log("tasks: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 def run(config: RunConfig, log: Callable[[str], None] = print) -> RunResult:
+    started = time.monotonic()
     phases: dict[str, float] = {}
-    started = time.perf_counter()
     with timed(phases, "load"):
         task_set = load_task_set(config)
     for bad in task_set.bad:
         log(f"skipped bad task {bad.id} (fallback answer): {bad.error}")
     log(f"{len(task_set.tasks)} tasks from {task_set.source}")
+    if config.plan_only:
+        print_plan(config, task_set, log)
+        return RunResult(task_set, {}, None, phases)
+    if config.calibrate:
+        from kit.calibrate import calibrate
+
+        profile = calibrate(config, task_set, log)
+        profile.save(config.profile_path())
+        log(f"saved {config.profile_path()}")
+        return RunResult(task_set, {}, None, phases)
     with timed(phases, "write"):
-        store = ResultsStore(config.out, task_set.test_counts(), {t.id: baseline_attempts(t) for t in task_set.tasks})
+        store = ResultsStore(config.out, task_set.test_counts(),
+                             {t.id: baseline_attempts(t) for t in task_set.tasks}, resume=config.resume)
     if not config.no_model:
-        solve_with_model(task_set, store, config, phases, log)
+        solve_all(task_set, store, config, started, phases, log)
     submission = store.submission()
     log(f"wrote {config.out} ({len(submission)} tasks, {sum(store.test_counts.values())} test inputs)")
     score = None
@@ -98,5 +211,7 @@ def run(config: RunConfig, log: Callable[[str], None] = print) -> RunResult:
         with timed(phases, "score"):
             score = score_submission(submission, solutions)
         log(score.summary())
-    log(f"time {time.perf_counter() - started:.1f}s: " + ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
+    elapsed = time.monotonic() - started
+    budget = f" of a {format_duration(config.budget)} budget" if config.budget else ""
+    log(f"time {format_duration(elapsed)}{budget}: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()))
     return RunResult(task_set, submission, score, phases)

@@ -20,17 +20,19 @@ if TYPE_CHECKING:  # the backend imports torch and transformers; only its type i
     from kit.backend import Backend
 
 
-def solve_task(backend: Backend, fmt: GridFormat, task: Task, config: RunConfig,
+def solve_task(backend: Backend, fmt: GridFormat, task: Task, config: RunConfig, ttt_deadline: float | None = None,
                deadline: float | None = None) -> tuple[list[Attempts], dict]:
-    """Two attempts per test input, and the details worth logging (steps, losses, candidates, seconds)."""
+    """Two attempts per test input, and the details worth logging (steps, losses, candidates, seconds).
+    Training stops at `ttt_deadline`; past `deadline` candidates are ranked by votes alone (no scoring pass).
+    Both are time.monotonic() instants."""
     ttt = train_task(backend, fmt, task, config.ttt, task_rng(config.seed, task.id, "ttt"),
-                     seed=zlib.crc32(f"{config.seed}:{task.id}".encode()), deadline=deadline)
+                     seed=zlib.crc32(f"{config.seed}:{task.id}".encode()), deadline=ttt_deadline)
     start = time.monotonic()
     rng = task_rng(config.seed, task.id, "infer")
     attempts, candidates, errors = [], [], []
     for i, test_input in enumerate(task.test_inputs):
         try:
-            ranked = rank(predict(backend, fmt, task, test_input, config.infer, rng), config.infer.rank_by)
+            ranked = rank(predict(backend, fmt, task, test_input, config.infer, rng, deadline), config.infer.rank_by)
         except Exception as e:  # noqa: BLE001 - this test input falls back; the task's other answers stand
             ranked = []
             errors.append(f"test[{i}]: {e!r}")

@@ -76,7 +76,8 @@ def train_task(backend: Backend, fmt: GridFormat, task: Task, settings: TTTSetti
     result = TTTResult()
     backend.reset_lora(seed)
     if settings.steps > 0:
-        sequences = training_sequences(fmt, task, settings.steps * settings.batch_size, backend.max_length, rng,
+        length = min(backend.max_length, settings.max_length or backend.max_length)
+        sequences = training_sequences(fmt, task, settings.steps * settings.batch_size, length, rng,
                                        settings.keep_background)
         if sequences:
             fit(backend, fmt, bucketed_batches(sequences, settings.batch_size, rng), settings, deadline, result)
@@ -95,8 +96,10 @@ def fit(backend: Backend, fmt: GridFormat, batches: list[list[Sequence]], settin
                                                                     total=len(batches)))
     vocab = torch.tensor(fmt.grid_vocabulary, dtype=torch.long)
     backend.train()
+    step_seconds = 0.0  # the last step's duration: a step that would end past the deadline is not started
     for batch in batches:
-        if deadline is not None and time.monotonic() >= deadline:
+        started = time.monotonic()
+        if deadline is not None and started + step_seconds >= deadline:
             result.stopped = "deadline"
             break
         ids, labels, mask = collate(batch, fmt.eos_id)
@@ -109,6 +112,7 @@ def fit(backend: Backend, fmt: GridFormat, batches: list[list[Sequence]], settin
         result.steps += 1
         result.losses.append(float(loss.detach()))
         result.tokens += int(mask.sum())
+        step_seconds = time.monotonic() - started
         if converged(result.losses, settings):
             result.stopped = "converged"
             break

@@ -19,7 +19,7 @@ class CopyingModel:
     def __init__(self, max_length: int = 10_000):
         self.decoded, self.scored, self.max_length = 0, [], max_length
 
-    def generate(self, prompts, vocab, eos_id, max_new_tokens):
+    def generate(self, prompts, vocab, eos_id, max_new_tokens, deadline=None):
         answers = []
         for prompt in prompts:
             query = prompt[np.flatnonzero(prompt == FMT.input_id)[-1] + 1:-1]

@@ -1,0 +1,396 @@
+"""Memory budget for per-task LoRA training and decoding: estimate, plan, measure.
+
+A task's longest sequences and the batch size decide whether a training step fits: the saved activations
+grow with batch x length, and eager attention's probabilities with batch x heads x length^2 per layer. Rather
+than find out by an out-of-memory error in the middle of a run, the runner asks `plan_training` for the
+batch size, the longest sequence and whether to recompute activations (gradient checkpointing) that keep the
+peak under the budget, and `decoding_batch` for how many sequences to decode at once.
+
+The estimates are closed-form sums over the tensors a Llama-style decoder keeps for backward, with constants
+calibrated on measured peaks (SmolLM2-135M, bf16 frozen weights + fp32 LoRA under bf16 autocast, eager
+attention, CPU): they are meant to be upper bounds within about 1.5x. This part is torch-free; torch is
+imported only by the functions that measure the device (`available_memory`, `resident_memory`, `PeakMemory`).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
+
+# --- sizes -------------------------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)(b?)", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "14GiB", "512MiB", "16GB", "2.5G", "1500000000". Binary units carry an "i" (GiB = 2^30);
+    the others are decimal (GB = G = 10^9), as in the SI and in what cloud vendors quote for GPUs."""
+    match = _SIZE.fullmatch(str(text).strip())
+    if match is None or (match[3] and not match[2]):
+        raise ValueError(f"bad size {text!r}: expected a number with an optional unit such as 512MiB, 16GB, 2.5G")
+    value, power = float(match[1]), _POWERS[match[2].lower()]
+    return int(round(value * (1024 if match[3] else 1000) ** power))
+
+
+def format_size(size: float) -> str:
+    """A byte count for logs: "1.50 GiB"."""
+    for unit, scale in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if abs(size) >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{int(size)} B"
+
+
+# --- the model's shape -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the memory estimates need to know about a decoder-only transformer."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    parameters: int
+    dtype_bytes: int  # bytes per element of the compute dtype (2 for bf16/fp16, 4 for fp32)
+    head_dim: int = 0  # 0: hidden // heads (most models; some, like Qwen3 and Gemma, set their own)
+
+    @property
+    def attention_width(self) -> int:
+        """Width of the queries (and of keys/values once repeated for grouped-query attention)."""
+        return self.heads * (self.head_dim or self.hidden // self.heads)
+
+    @property
+    def kv_width(self) -> int:
+        """Width of the keys (and of the values) that the KV cache stores per token and layer."""
+        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
+
+    @classmethod
+    def from_config(cls, config: Any, parameters: int, dtype_bytes: int) -> ModelDims:
+        """From a transformers config object (or its dict); multimodal configs use their text part."""
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        fields = config if isinstance(config, dict) else vars(config)
+        missing = [k for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+                   if fields.get(k) is None]
+        if missing:
+            raise ValueError(f"model config lacks {', '.join(missing)}: cannot estimate its memory")
+        heads = int(fields["num_attention_heads"])
+        return cls(layers=int(fields["num_hidden_layers"]), hidden=int(fields["hidden_size"]),
+                   intermediate=int(fields["intermediate_size"]), heads=heads,
+                   kv_heads=int(fields.get("num_key_value_heads") or heads), parameters=int(parameters),
+                   dtype_bytes=int(dtype_bytes), head_dim=int(fields.get("head_dim") or 0))
+
+
+def uses_eager_attention(config: Any) -> bool:
+    """Whether the model materialises the batch x heads x length^2 attention scores (eager), or not (sdpa's
+    flash and memory-efficient kernels, flash_attention_2): the `attention_scores` argument of the estimates."""
+    return getattr(config, "_attn_implementation", None) in (None, "eager")
+
+
+# --- estimates ---------------------------------------------------------------------------------------------
+
+# Calibrated constants (see the measured table in docs/ and the module docstring). Bytes per element.
+FP32 = 4
+NORM_SAVED = 2 * FP32  # two RMSNorms per layer keep their input upcast to fp32 for backward
+LORA_STATE_BYTES = 16  # per LoRA parameter: fp32 grad + two AdamW moments + foreach AdamW temporaries
+STEP_OVERHEAD = 96 * MIB  # allocator slack, oneDNN scratch, the autocast weight cache, thread stacks
+DECODE_OVERHEAD = 64 * MIB
+ESTIMATE_MARGIN = 1.1  # the estimate is an upper bound: a last 10% for what the sums do not model
+
+
+def layer_saved_bytes(dims: ModelDims, batch: int, length: int, attention_scores: bool = True) -> int:
+    """What one decoder layer keeps for backward when LoRA adapts all seven projections.
+
+    Per token: the fp32 inputs of both norms; a compute-dtype copy of the input of each LoRA A matrix (PEFT
+    casts the input to the adapter's fp32 and autocast casts it back, a fresh tensor per projection: q, k, v,
+    gate, up take the hidden state, o the attention output, down the MLP product); the rotated queries and the
+    keys and values repeated to all heads (saved by the attention matmuls); gate, SiLU(gate) and up (saved by
+    the SiLU and the product). Per attention score (eager): the fp32 softmax output and its compute-dtype cast.
+    """
+    d, tokens = dims.dtype_bytes, batch * length
+    per_token = (NORM_SAVED * dims.hidden
+                 + d * (5 * dims.hidden + dims.attention_width + dims.intermediate)  # LoRA input copies
+                 + d * 3 * dims.attention_width  # q rotated, k and v repeated
+                 + d * 3 * dims.intermediate)  # gate, silu(gate), up
+    scores = batch * dims.heads * length * length if attention_scores else 0
+    return tokens * per_token + scores * (FP32 + d)
+
+
+def layer_transient_bytes(dims: ModelDims, batch: int, length: int, attention_scores: bool = True) -> int:
+    """The short-lived buffers of the busiest moment inside one layer (forward or backward), beyond what it saves.
+
+    Scores: the raw scores, the masked scores and their fp32 copy while the softmax runs; in backward, the
+    gradient of the probabilities, its fp32 copy and the softmax gradient. Tokens: the fp32 copy PEFT makes of
+    a LoRA input, and the gradients flowing through the widest (MLP) activations.
+    """
+    d, tokens = dims.dtype_bytes, batch * length
+    width = max(dims.hidden, dims.intermediate)
+    per_token = FP32 * width + 4 * d * dims.intermediate + 4 * d * dims.hidden
+    scores = batch * dims.heads * length * length if attention_scores else 0
+    return tokens * per_token + scores * (2 * FP32 + 2 * d)
+
+
+def training_bytes(dims: ModelDims, batch: int, length: int, checkpointing: bool, lora_parameters: int,
+                   attention_scores: bool = True) -> int:
+    """Estimated peak memory that one LoRA training step (forward, backward, AdamW) adds to the resident model.
+
+    Without checkpointing every layer keeps its activations until backward reaches it; with it, each layer
+    keeps only its input and one layer at a time is recomputed. The LM head runs only on the labelled
+    positions over a ~12-token vocabulary, so logits are negligible. `attention_scores` False: flash or
+    memory-efficient attention, which never holds the length^2 scores.
+    """
+    if batch < 1 or length < 1:
+        raise ValueError(f"batch {batch} and length {length} must be positive")
+    layer = layer_saved_bytes(dims, batch, length, attention_scores)
+    if checkpointing:
+        activations = dims.layers * batch * length * dims.hidden * dims.dtype_bytes + layer
+    else:
+        activations = dims.layers * layer
+    mask = batch * length * length * dims.dtype_bytes if attention_scores else 0  # the 4D additive causal mask
+    total = (activations + layer_transient_bytes(dims, batch, length, attention_scores) + mask
+             + LORA_STATE_BYTES * lora_parameters + STEP_OVERHEAD)
+    return int(total * ESTIMATE_MARGIN)
+
+
+def decoding_bytes(dims: ModelDims, batch: int, length: int, attention_scores: bool = True) -> int:
+    """Estimated peak memory that decoding or scoring `batch` sequences of `length` tokens adds (no grad).
+
+    The KV cache of every layer (doubled: the cache grows by concatenation, old and new copy coexist for a
+    moment), plus the prefill's busiest layer: its hidden and MLP activations and, with eager attention, the
+    scores, masked scores, and fp32 softmax input and output.
+    """
+    if batch < 1 or length < 1:
+        raise ValueError(f"batch {batch} and length {length} must be positive")
+    d, tokens = dims.dtype_bytes, batch * length
+    cache = 2 * dims.layers * tokens * dims.kv_width * d
+    per_token = (FP32 * dims.hidden + d * (6 * dims.hidden + 4 * dims.attention_width + 4 * dims.intermediate)
+                 + FP32 * max(dims.hidden, dims.intermediate))
+    scores = batch * dims.heads * length * length * (2 * FP32 + 3 * d) if attention_scores else 0
+    mask = batch * length * length * d if attention_scores else 0
+    return int((cache * 2 + tokens * per_token + scores + mask + DECODE_OVERHEAD) * ESTIMATE_MARGIN)
+
+
+# --- plans -------------------------------------------------------------------------------------------------
+
+MIN_LENGTH = 256  # shorter sequences would drop most demonstrations of a typical ARC task
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How to train one task inside the budget."""
+
+    batch_size: int
+    max_length: int
+    checkpointing: bool
+    estimated_bytes: int  # resident + training_bytes: the expected peak of the whole process
+
+
+def plan_training(budget: int, resident: int, dims: ModelDims, batch_size: int, max_length: int,
+                  lora_parameters: int, attention_scores: bool = True,
+                  min_length: int = MIN_LENGTH) -> MemoryPlan | None:
+    """The first plan whose estimated peak fits the budget, in order of preference: the configured batch and
+    length without checkpointing (fastest); with checkpointing (about a third slower, same training); halved
+    batches down to 1 (fewer examples per step); halved lengths down to `min_length` (drops demonstrations).
+    None when not even one sequence of `min_length` tokens fits."""
+    for batch, length, checkpointing in _candidates(batch_size, max_length, min_length):
+        peak = resident + training_bytes(dims, batch, length, checkpointing, lora_parameters, attention_scores)
+        if peak <= budget:
+            return MemoryPlan(batch, length, checkpointing, peak)
+    return None
+
+
+def _candidates(batch_size: int, max_length: int, min_length: int) -> Iterator[tuple[int, int, bool]]:
+    for length in _halvings(max_length, min(min_length, max_length)):
+        for batch in _halvings(batch_size, 1):
+            yield batch, length, False
+            yield batch, length, True
+
+
+def _halvings(start: int, floor: int) -> list[int]:
+    """start, start/2, ... while above floor, then floor: [2048, 1024, 512, 256] or [6, 3, 1]."""
+    values = [start]
+    while values[-1] // 2 > floor:
+        values.append(values[-1] // 2)
+    if values[-1] > floor:
+        values.append(floor)
+    return values
+
+
+def decoding_batch(budget: int, resident: int, dims: ModelDims, batch_size: int, length: int,
+                   attention_scores: bool = True) -> int:
+    """The largest batch up to `batch_size` whose decoding of `length`-token sequences fits the budget; 0 if even
+    one sequence does not."""
+    for batch in range(batch_size, 0, -1):
+        if resident + decoding_bytes(dims, batch, length, attention_scores) <= budget:
+            return batch
+    return 0
+
+
+# --- measurements (torch imported here only) ---------------------------------------------------------------
+
+MARGIN_FRACTION, MARGIN_FLOOR = 0.10, 512 * MIB
+
+
+def available_memory(device_type: str) -> int:
+    """The default budget: what the device can give this process (what it already holds included), less a
+    margin of 10% and at least 512 MiB for what no estimate sees (CUDA context, other processes, page cache).
+
+    CUDA: free device memory plus this process's reserved memory. CPU: MemAvailable plus this process's RSS,
+    capped by the cgroup's limit when one is set (containers: /proc/meminfo shows the whole host)."""
+    if device_type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        usable = free + torch.cuda.memory_reserved()
+    elif device_type == "cpu":
+        rss = _status_bytes("VmRSS")
+        usable = min(_meminfo_bytes("MemAvailable"), _cgroup_headroom()) + rss
+    else:
+        raise ValueError(f"no memory budget for device type {device_type!r}: expected cuda or cpu")
+    return max(0, usable - max(int(usable * MARGIN_FRACTION), MARGIN_FLOOR))
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def steady_cpu_allocator(threshold: int = MIB) -> bool:
+    """Make CPU memory follow the live tensors: glibc serves every allocation of `threshold` bytes or more
+    with its own mmap, returned to the system when freed.
+
+    By default glibc raises that threshold up to 32 MiB as large buffers are freed; activations of a few MiB
+    then land in the heap, where the ones kept for backward pin the memory around them and the resident set
+    climbs far above the tensors alive (measured on a checkpointed 1x1024 step of SmolLM2-135M: 1113 MiB added
+    against 174 MiB with a fixed 1 MiB threshold). The CPU estimates assume this setting. Process-wide;
+    returns False where glibc is not the allocator (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
+def resident_memory(device_type: str) -> int:
+    """What the process holds now: CUDA tensors allocated, or the CPU resident set (VmRSS)."""
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.memory_allocated()
+    if device_type == "cpu":
+        return _status_bytes("VmRSS")
+    raise ValueError(f"no resident memory for device type {device_type!r}: expected cuda or cpu")
+
+
+def reset_peak(device_type: str) -> bool:
+    """Restart peak tracking. CPU: writing "5" to /proc/self/clear_refs resets VmHWM to the current RSS (Linux
+    4.0+); where that file is not writable the peak cannot be reset and `peak_memory` falls back to the
+    lifetime maximum (getrusage ru_maxrss). Returns whether the peak was reset."""
+    if device_type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    if device_type == "cpu":
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+    raise ValueError(f"no peak memory for device type {device_type!r}: expected cuda or cpu")
+
+
+def peak_memory(device_type: str) -> int:
+    """The highest memory held since the last `reset_peak`: CUDA max_memory_allocated, CPU VmHWM (or the
+    lifetime ru_maxrss where /proc is not there)."""
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated()
+    if device_type == "cpu":
+        try:
+            return _status_bytes("VmHWM")
+        except (OSError, KeyError):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB  # kilobytes on Linux
+    raise ValueError(f"no peak memory for device type {device_type!r}: expected cuda or cpu")
+
+
+class PeakMemory:
+    """`with PeakMemory("cpu") as peak: step()` then `peak.peak` (bytes held at the highest point) and
+    `peak.added` (above what was resident on entry). `peak.reset` False: the CPU peak could not be reset, so
+    `peak.peak` is the lifetime maximum and `peak.added` may overstate."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+        self.resident = self.peak = 0
+        self.reset = False
+
+    @property
+    def added(self) -> int:
+        return max(0, self.peak - self.resident)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device_type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        self.resident = resident_memory(self.device_type)
+        self.reset = reset_peak(self.device_type)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device_type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        self.peak = peak_memory(self.device_type)
+
+
+def _status_bytes(field: str) -> int:
+    """A kB field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    return _kb_field(Path("/proc/self/status"), field)
+
+
+def _meminfo_bytes(field: str) -> int:
+    return _kb_field(Path("/proc/meminfo"), field)
+
+
+def _kb_field(path: Path, field: str) -> int:
+    for line in path.read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == field:
+            return int(value.split()[0]) * KIB
+    raise KeyError(f"{path} has no field {field}")
+
+
+def _cgroup_headroom() -> int:
+    """Bytes the memory cgroup still allows (its limit less its usage, reclaimable page cache excluded);
+    effectively unlimited when there is no cgroup limit."""
+    unlimited = 1 << 62
+    for limit_file, usage_file, inactive in (("memory.max", "memory.current", "inactive_file"),
+                                             ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                                              "total_inactive_file")):
+        root = Path("/sys/fs/cgroup")
+        try:
+            limit_text = (root / limit_file).read_text().strip()
+            if limit_text == "max" or int(limit_text) >= unlimited:
+                return unlimited
+            usage = int((root / usage_file).read_text())
+            stat = (root / limit_file).parent / ("memory.stat")
+            for line in stat.read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == inactive:
+                    usage -= int(value)
+            return max(0, int(limit_text) - usage)
+        except (OSError, ValueError):
+            continue
+    return unlimited

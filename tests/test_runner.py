@@ -1,0 +1,116 @@
+"""The runner with the real default model: a budget it ends inside, kills that never leave a broken file,
+a resume that does not redo finished tasks, a failing task retried smaller then kept at its baseline, two
+CPU worker processes."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from build_submission import main
+from kit.submission import load_submission
+from kit.tasks import load_bundled
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["66e6c45b", "00576224", "be03b35f", "4cd1b7b2", "e633a9e5", "ca8de6ea"]  # smallest ARC-1 eval tasks
+
+
+def counts(ids):
+    return load_bundled("arc1-eval").select(ids).test_counts()
+
+
+def log_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.with_name(out.stem + ".log.jsonl").read_text().splitlines()]
+
+
+def test_a_budget_run_ends_inside_its_budget_and_answers_every_task(tmp_path, capsys):
+    out = tmp_path / "submission.json"
+    start = time.monotonic()
+    assert main(["--dataset", "arc1-eval", "--tasks", *SMALL, "--budget", "50s", "--margin", "5s",
+                 "--steps", "16", "--augs", "4", "--backend", "peft", "--out", str(out)]) == 0
+    assert time.monotonic() - start < 50
+    assert set(load_submission(out, counts(SMALL))) == set(SMALL)
+    records = {r["task"]: r for r in log_records(out)}
+    assert set(records) == set(SMALL)  # each task: a model answer or a "no time" fallback, never missing
+    printed = capsys.readouterr().out
+    assert "tasks: trained" in printed and "score " in printed and "budget" in printed
+
+
+def sleep_while_running(out: Path, process: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+
+
+def test_kills_at_random_moments_leave_a_valid_file_and_resume_finishes_without_redoing(tmp_path):
+    out = tmp_path / "submission.json"
+    ids = SMALL[:4]
+    command = [sys.executable, "build_submission.py", "--dataset", "arc1-eval", "--tasks", *ids, "--steps", "3",
+               "--augs", "2", "--backend", "peft", "--out", str(out), "--resume"]
+    rng = np.random.default_rng(7)
+    finished_before: dict[str, dict] = {}
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sleep_while_running(out, process, float(rng.uniform(8, 25)))
+        process.send_signal(sig)
+        process.wait(timeout=60)
+        assert set(load_submission(out, counts(ids))) == set(ids)  # complete and valid after every kill
+        finished_before = {r["task"]: r for r in log_records(out) if "fallback" not in r}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    if finished_before:
+        assert f"resuming: {len(finished_before)} tasks already done" in done.stdout
+    records = log_records(out)
+    assert sorted(r["task"] for r in records) == sorted(ids)  # every task once: nothing redone, nothing lost
+    for record in records:
+        if record["task"] in finished_before:
+            assert record == finished_before[record["task"]]
+    assert set(load_submission(out, counts(ids))) == set(ids)
+
+
+def test_a_failing_task_is_retried_smaller_then_keeps_its_baseline(tmp_path, monkeypatch):
+    import torch
+
+    import kit.solve
+
+    real_solve = kit.solve.solve_task
+    calls = []
+
+    def flaky(backend, fmt, task, config, ttt_deadline=None, deadline=None):
+        calls.append((task.id, config.ttt.steps, config.ttt.max_length))
+        if task.id == SMALL[0]:
+            raise RuntimeError("simulated failure")
+        if task.id == SMALL[1] and len([c for c in calls if c[0] == SMALL[1]]) == 1:
+            raise torch.OutOfMemoryError("simulated out of memory")
+        return real_solve(backend, fmt, task, config, ttt_deadline, deadline)
+
+    monkeypatch.setattr(kit.solve, "solve_task", flaky)
+    out = tmp_path / "submission.json"
+    assert main(["--dataset", "arc1-eval", "--tasks", *SMALL[:2], "--steps", "2", "--augs", "1",
+                 "--backend", "peft", "--out", str(out)]) == 0
+    first, second = log_records(out)
+    assert first["error"].count("simulated failure") == 2 and "retried" not in first
+    task = load_bundled("arc1-eval").select([SMALL[0]]).tasks[0]
+    assert json.loads(out.read_text())[SMALL[0]][0]["attempt_1"] == task.test_inputs[0].tolist()
+    assert "OutOfMemoryError" in second["error"] and second["ttt_steps"] == 1
+    assert second["retried"]["steps"] == 1 and second["retried"]["max_length"] < 2048
+    assert [c[1] for c in calls if c[0] == SMALL[1]] == [2, 1]
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_two_cpu_workers_run_end_to_end(tmp_path, workers):
+    out = tmp_path / "submission.json"
+    ids = SMALL[:3]
+    done = subprocess.run([sys.executable, "build_submission.py", "--dataset", "arc1-eval", "--tasks", *ids,
+                           "--steps", "2", "--augs", "2", "--backend", "peft", "--workers", str(workers),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    submission = load_submission(out, counts(ids))
+    assert list(submission) == ids
+    records = log_records(out)
+    assert sorted(r["task"] for r in records) == sorted(ids)
+    assert {r["worker"] for r in records} <= set(range(workers)) and all("error" not in r for r in records)
