@@ -36,6 +36,7 @@ class TTTSettings:
 class InferSettings:
     augs: int = 8  # views decoded per test input
     batch_size: int = 16  # sequences per forward pass when decoding and scoring
+    max_batch_tokens: int = 4096  # and padded tokens per forward pass (memory, and time past a deadline)
     keep_background: bool = True
     rank_by: str = "score"  # how vote.py ranks candidates: "score" (product of experts) or "votes"
 

@@ -59,19 +59,35 @@ def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, set
             views.append(view)
             prompts.append(prompt)
     grids = []
-    for start in range(0, len(prompts), settings.batch_size):
-        if start and past(deadline):
+    for n, chunk in enumerate(batches([len(p) + answer_tokens for p in prompts], settings)):
+        if n and past(deadline):
             break
-        outputs = backend.generate(prompts[start:start + settings.batch_size], fmt.grid_vocabulary, fmt.eos_id,
-                                   answer_tokens, deadline)
-        for view, ids in zip(views[start:], outputs):
+        outputs = backend.generate([prompts[i] for i in chunk], fmt.grid_vocabulary, fmt.eos_id, answer_tokens,
+                                   deadline)
+        for i, ids in zip(chunk, outputs):
             try:
-                grids.append(view.invert_grid(fmt.parse_grid(ids)))
+                grids.append(views[i].invert_grid(fmt.parse_grid(ids)))
             except FormatError:
                 continue
     candidates = tally(grids)
-    score_under_views(backend, fmt, candidates, views, prompts, settings.batch_size, deadline)
+    score_under_views(backend, fmt, candidates, views, prompts, settings, deadline)
     return candidates
+
+
+def batches(lengths: list[int], settings: InferSettings) -> list[list[int]]:
+    """Consecutive indices in batches of at most `batch_size` sequences and `max_batch_tokens` padded tokens
+    (one sequence at least): bounds the memory of a forward pass and how far it can run past a deadline."""
+    chunks: list[list[int]] = []
+    longest = 0
+    for i, length in enumerate(lengths):
+        if chunks and len(chunks[-1]) < settings.batch_size and \
+                (len(chunks[-1]) + 1) * max(longest, length) <= settings.max_batch_tokens:
+            chunks[-1].append(i)
+            longest = max(longest, length)
+        else:
+            chunks.append([i])
+            longest = length
+    return chunks
 
 
 def past(deadline: float | None) -> bool:
@@ -79,7 +95,7 @@ def past(deadline: float | None) -> bool:
 
 
 def score_under_views(backend: Backend, fmt: GridFormat, candidates: list[Candidate], views: list[Augmentation],
-                      prompts: list[np.ndarray], batch_size: int, deadline: float | None = None) -> None:
+                      prompts: list[np.ndarray], settings: InferSettings, deadline: float | None = None) -> None:
     """Fill each candidate's view_scores: log p(candidate seen through the view | the view's prompt). Pairs not
     scored by `deadline` score -inf, like over-long ones: ranking then falls back on votes."""
     pairs = [(c, prompt, fmt.encode_answer(view.grid(c.grid)))
@@ -87,10 +103,10 @@ def score_under_views(backend: Backend, fmt: GridFormat, candidates: list[Candid
     # A candidate too long to be seen through a view scores -inf there (no evidence for it) instead of failing.
     values = [float("-inf")] * len(pairs)
     scorable = [i for i, (_, p, a) in enumerate(pairs) if len(p) + len(a) <= backend.max_length]
-    for start in range(0, len(scorable), batch_size):
+    for chunk in batches([len(pairs[i][1]) + len(pairs[i][2]) for i in scorable], settings):
         if past(deadline):
             break
-        chunk = scorable[start:start + batch_size]
+        chunk = [scorable[j] for j in chunk]
         scores = backend.score([pairs[i][1] for i in chunk], [pairs[i][2] for i in chunk], fmt.grid_vocabulary)
         for i, value in zip(chunk, scores):
             values[i] = float(value)

@@ -73,6 +73,11 @@ class ModelDims:
         """Width of the keys (and of the values) that the KV cache stores per token and layer."""
         return self.kv_heads * (self.head_dim or self.hidden // self.heads)
 
+    @property
+    def weight_bytes(self) -> int:
+        """The frozen weights in the compute dtype: what the model will hold before anything runs."""
+        return self.parameters * self.dtype_bytes
+
     @classmethod
     def from_config(cls, config: Any, parameters: int, dtype_bytes: int) -> ModelDims:
         """From a transformers config object (or its dict); multimodal configs use their text part."""
@@ -98,13 +103,15 @@ def uses_eager_attention(config: Any) -> bool:
 
 # --- estimates ---------------------------------------------------------------------------------------------
 
-# Calibrated constants (see the measured table in docs/ and the module docstring). Bytes per element.
+# Bytes. The per-element terms below follow the tensors autograd saves (checked with saved-tensor hooks); the
+# overheads and the margin were fitted on 19 measured training peaks and 12 decoding peaks of SmolLM2-135M
+# (batch 1-8, 256-2048 tokens, with and without checkpointing): estimate / measured = 1.02 to 1.5.
 FP32 = 4
 NORM_SAVED = 2 * FP32  # two RMSNorms per layer keep their input upcast to fp32 for backward
-LORA_STATE_BYTES = 16  # per LoRA parameter: fp32 grad + two AdamW moments + foreach AdamW temporaries
-STEP_OVERHEAD = 96 * MIB  # allocator slack, oneDNN scratch, the autocast weight cache, thread stacks
-DECODE_OVERHEAD = 64 * MIB
-ESTIMATE_MARGIN = 1.1  # the estimate is an upper bound: a last 10% for what the sums do not model
+LORA_STATE_BYTES = 12  # per LoRA parameter: fp32 grad + two fp32 AdamW moments
+STEP_OVERHEAD = 96 * MIB  # allocator slack, oneDNN scratch, the autocast weight cache, small tensors
+DECODE_OVERHEAD = 40 * MIB
+ESTIMATE_MARGIN = 1.2  # what the sums miss: measured peaks ran up to 1.17x the sums without it
 
 
 def layer_saved_bytes(dims: ModelDims, batch: int, length: int, attention_scores: bool = True) -> int:
@@ -121,22 +128,36 @@ def layer_saved_bytes(dims: ModelDims, batch: int, length: int, attention_scores
                  + d * (5 * dims.hidden + dims.attention_width + dims.intermediate)  # LoRA input copies
                  + d * 3 * dims.attention_width  # q rotated, k and v repeated
                  + d * 3 * dims.intermediate)  # gate, silu(gate), up
-    scores = batch * dims.heads * length * length if attention_scores else 0
-    return tokens * per_token + scores * (FP32 + d)
+    return tokens * per_token + _scores(dims, batch, length, attention_scores) * (FP32 + d)
 
 
 def layer_transient_bytes(dims: ModelDims, batch: int, length: int, attention_scores: bool = True) -> int:
-    """The short-lived buffers of the busiest moment inside one layer (forward or backward), beyond what it saves.
+    """The short-lived buffers of the busiest moment inside one layer, beyond what it saves (no checkpointing).
 
-    Scores: the raw scores, the masked scores and their fp32 copy while the softmax runs; in backward, the
-    gradient of the probabilities, its fp32 copy and the softmax gradient. Tokens: the fp32 copy PEFT makes of
-    a LoRA input, and the gradients flowing through the widest (MLP) activations.
+    Per score: the softmax's fp32 input while it runs, or in backward the fp32 gradient of the probabilities.
+    Per token: the fp32 copy PEFT makes of a LoRA input, and the gradients flowing through the MLP.
     """
     d, tokens = dims.dtype_bytes, batch * length
-    width = max(dims.hidden, dims.intermediate)
-    per_token = FP32 * width + 4 * d * dims.intermediate + 4 * d * dims.hidden
-    scores = batch * dims.heads * length * length if attention_scores else 0
-    return tokens * per_token + scores * (2 * FP32 + 2 * d)
+    per_token = FP32 * max(dims.hidden, dims.intermediate) + 4 * d * (dims.intermediate + dims.hidden)
+    return tokens * per_token + _scores(dims, batch, length, attention_scores) * (FP32 + d)
+
+
+def recompute_peak_bytes(dims: ModelDims, batch: int, length: int, attention_scores: bool = True) -> int:
+    """The busiest moment of a checkpointed layer: its attention's backward, after recomputation.
+
+    PyTorch's non-reentrant checkpoint frees each recomputed tensor once backward has used it, so by then the
+    MLP's are gone. Per token: the fp32 norm input, the q/k/v LoRA input copies, the rotated queries and the
+    repeated keys and values. Per score: the fp32 softmax output, the fp32 gradient of the probabilities and
+    the softmax's gradient (calibrated: 10 to 14 bytes per score were measured).
+    """
+    d, tokens = dims.dtype_bytes, batch * length
+    per_token = FP32 * dims.hidden + d * (3 * dims.hidden + 3 * dims.attention_width)
+    return tokens * per_token + _scores(dims, batch, length, attention_scores) * 3 * FP32
+
+
+def _scores(dims: ModelDims, batch: int, length: int, attention_scores: bool) -> int:
+    """Elements of one layer's eager attention scores (0 for kernels that never hold them)."""
+    return batch * dims.heads * length * length if attention_scores else 0
 
 
 def training_bytes(dims: ModelDims, batch: int, length: int, checkpointing: bool, lora_parameters: int,
@@ -145,38 +166,40 @@ def training_bytes(dims: ModelDims, batch: int, length: int, checkpointing: bool
 
     Without checkpointing every layer keeps its activations until backward reaches it; with it, each layer
     keeps only its input and one layer at a time is recomputed. The LM head runs only on the labelled
-    positions over a ~12-token vocabulary, so logits are negligible. `attention_scores` False: flash or
+    positions over a ~12-token vocabulary, so logits are negligible. The LoRA's fp32 gradients and AdamW
+    moments are alive during backward from the second step on. `attention_scores` False: flash or
     memory-efficient attention, which never holds the length^2 scores.
     """
     if batch < 1 or length < 1:
         raise ValueError(f"batch {batch} and length {length} must be positive")
-    layer = layer_saved_bytes(dims, batch, length, attention_scores)
     if checkpointing:
-        activations = dims.layers * batch * length * dims.hidden * dims.dtype_bytes + layer
+        inputs = dims.layers * batch * length * dims.hidden * dims.dtype_bytes
+        activations = inputs + recompute_peak_bytes(dims, batch, length, attention_scores)
     else:
-        activations = dims.layers * layer
+        activations = (dims.layers * layer_saved_bytes(dims, batch, length, attention_scores)
+                       + layer_transient_bytes(dims, batch, length, attention_scores))
     mask = batch * length * length * dims.dtype_bytes if attention_scores else 0  # the 4D additive causal mask
-    total = (activations + layer_transient_bytes(dims, batch, length, attention_scores) + mask
-             + LORA_STATE_BYTES * lora_parameters + STEP_OVERHEAD)
+    total = activations + mask + LORA_STATE_BYTES * lora_parameters + STEP_OVERHEAD
     return int(total * ESTIMATE_MARGIN)
 
 
-def decoding_bytes(dims: ModelDims, batch: int, length: int, attention_scores: bool = True) -> int:
-    """Estimated peak memory that decoding or scoring `batch` sequences of `length` tokens adds (no grad).
+def decoding_bytes(dims: ModelDims, batch: int, length: int, attention_scores: bool = True,
+                   cache: bool = True) -> int:
+    """Estimated peak memory that decoding (`cache` True) or scoring (False: one forward, no KV cache) `batch`
+    sequences of `length` tokens adds to the resident model; no grad, so one layer's activations at a time.
 
-    The KV cache of every layer (doubled: the cache grows by concatenation, old and new copy coexist for a
-    moment), plus the prefill's busiest layer: its hidden and MLP activations and, with eager attention, the
-    scores, masked scores, and fp32 softmax input and output.
+    The KV cache of every layer, the 4D attention mask, and the prefill's busiest layer: its hidden and MLP
+    activations and, with eager attention, per score the masked scores, their fp32 copy and the fp32 softmax
+    output (about 10.8 bytes per score were measured).
     """
     if batch < 1 or length < 1:
         raise ValueError(f"batch {batch} and length {length} must be positive")
     d, tokens = dims.dtype_bytes, batch * length
-    cache = 2 * dims.layers * tokens * dims.kv_width * d
-    per_token = (FP32 * dims.hidden + d * (6 * dims.hidden + 4 * dims.attention_width + 4 * dims.intermediate)
-                 + FP32 * max(dims.hidden, dims.intermediate))
-    scores = batch * dims.heads * length * length * (2 * FP32 + 3 * d) if attention_scores else 0
-    mask = batch * length * length * d if attention_scores else 0
-    return int((cache * 2 + tokens * per_token + scores + mask + DECODE_OVERHEAD) * ESTIMATE_MARGIN)
+    kv = 2 * dims.layers * tokens * dims.kv_width * d if cache else 0
+    per_token = FP32 * dims.hidden + d * (2 * dims.hidden + 2 * dims.attention_width + 3 * dims.intermediate)
+    scores = _scores(dims, batch, length, attention_scores) * (2 * FP32 + d)
+    mask = batch * length * length * d
+    return int((kv + tokens * per_token + scores + mask + DECODE_OVERHEAD) * ESTIMATE_MARGIN)
 
 
 # --- plans -------------------------------------------------------------------------------------------------
@@ -198,7 +221,7 @@ def plan_training(budget: int, resident: int, dims: ModelDims, batch_size: int, 
                   lora_parameters: int, attention_scores: bool = True,
                   min_length: int = MIN_LENGTH) -> MemoryPlan | None:
     """The first plan whose estimated peak fits the budget, in order of preference: the configured batch and
-    length without checkpointing (fastest); with checkpointing (about a third slower, same training); halved
+    length without checkpointing (fastest); with checkpointing (recomputes each layer's forward, same training); halved
     batches down to 1 (fewer examples per step); halved lengths down to `min_length` (drops demonstrations).
     None when not even one sequence of `min_length` tokens fits."""
     for batch, length, checkpointing in _candidates(batch_size, max_length, min_length):
@@ -226,11 +249,11 @@ def _halvings(start: int, floor: int) -> list[int]:
 
 
 def decoding_batch(budget: int, resident: int, dims: ModelDims, batch_size: int, length: int,
-                   attention_scores: bool = True) -> int:
-    """The largest batch up to `batch_size` whose decoding of `length`-token sequences fits the budget; 0 if even
-    one sequence does not."""
+                   attention_scores: bool = True, cache: bool = True) -> int:
+    """The largest batch up to `batch_size` whose decoding (or, `cache` False, scoring) of `length`-token
+    sequences fits the budget; 0 if even one sequence does not."""
     for batch in range(batch_size, 0, -1):
-        if resident + decoding_bytes(dims, batch, length, attention_scores) <= budget:
+        if resident + decoding_bytes(dims, batch, length, attention_scores, cache) <= budget:
             return batch
     return 0
 

@@ -48,16 +48,18 @@ class ResultsStore:
                 records.append(record)
         return records
 
-    def record(self, task_id: str, attempts: list[Attempts], details: dict) -> None:
-        """Keep a task's answer and its details (steps, losses, candidates, times), then rewrite the file.
-        A record with a "fallback" key is a task the run gave no model time: a resumed run tries it again."""
+    def record(self, task_id: str, attempts: list[Attempts], details: dict, write: bool = True) -> None:
+        """Keep a task's answer and its details (steps, losses, candidates, times), then rewrite the file
+        (`write` False: the caller writes once after a series). A record with a "fallback" key is a task the
+        run gave no model time: a resumed run tries it again."""
         self.answers[task_id] = attempts
         if "fallback" not in details:
             self.done.add(task_id)
         entry = {"task": task_id, **details, "attempts": [[to_json(g) for g in pair] for pair in attempts]}
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
-        self.write()
+        if write:
+            self.write()
 
     def submission(self) -> dict:
         return build_submission(self.test_counts, self.answers)

@@ -144,20 +144,26 @@ def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started
     bar = tqdm(total=len(task_set.tasks), initial=len(store.done), desc="tasks", unit="task")
     try:
         while queue or in_flight:
+            fallbacks = 0
             while queue and pool.idle():
                 a = queue.pop(0)
                 now = time.monotonic()
                 if deadline is not None:
                     a = planner.fit(estimates[a.task_id], a, deadline - now)
                 if not a.runs_model:
-                    store.record(a.task_id, baseline_attempts(tasks[a.task_id]), {"fallback": "no time"})
+                    store.record(a.task_id, baseline_attempts(tasks[a.task_id]), {"fallback": "no time"}, write=False)
                     counts["fallback (no time)"] += 1
+                    fallbacks += 1
                     bar.update()
                     continue
                 train, infer = planner.costs(estimates[a.task_id], a)
-                ttt_deadline = None if deadline is None else min(deadline - infer, now + TTT_SLACK * train + 5)
+                step = train / a.steps if a.steps else 0.0  # the first step must fit too (no duration seen yet)
+                ttt_deadline = None if deadline is None else min(deadline - infer - step,
+                                                                 now + TTT_SLACK * train + 5)
                 pool.submit(Job(tasks[a.task_id], a.steps, a.views, ttt_deadline, deadline))
                 in_flight[a.task_id] = (a, now)
+            if fallbacks:
+                store.write()
             if not in_flight:
                 break
             result = pool.next_result()
@@ -180,8 +186,9 @@ def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started
     log("tasks: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
-def run(config: RunConfig, log: Callable[[str], None] = print) -> RunResult:
-    started = time.monotonic()
+def run(config: RunConfig, log: Callable[[str], None] = print, started: float | None = None) -> RunResult:
+    """The whole run; `started` (time.monotonic()) is when the budget began: the process start for the CLI."""
+    started = time.monotonic() if started is None else started
     phases: dict[str, float] = {}
     with timed(phases, "load"):
         task_set = load_task_set(config)

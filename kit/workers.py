@@ -27,6 +27,7 @@ from kit.memory import (
     format_size,
     plan_training,
     resident_memory,
+    uses_eager_attention,
 )
 from kit.submission import Attempts, baseline_attempts
 from kit.tasks import Task
@@ -123,6 +124,7 @@ class MemoryBudget:
         self.lora_parameters = sum(p.numel() for p in backend.trainable_parameters())
         frozen = sum(p.numel() for p in base.parameters()) - self.lora_parameters
         self.dims = ModelDims.from_config(base.config, frozen, backend.dtype.itemsize)
+        self.scores = uses_eager_attention(base.config)  # eager attention materialises batch x heads x len^2
         self.device = backend.device.type
         self.budget = budget or available_memory(self.device)
         log(f"memory budget {format_size(self.budget)} ({'given' if budget else 'free on the device'}), "
@@ -136,7 +138,8 @@ class MemoryBudget:
         longest = min(cap, max(sequence_tokens(task.train[:i] + task.train[i + 1:], q.input, q.output.shape)
                                for i, q in enumerate(task.train)))
         ttt = config.ttt
-        plan = plan_training(self.budget, resident, self.dims, ttt.batch_size, longest, self.lora_parameters)
+        plan = plan_training(self.budget, resident, self.dims, ttt.batch_size, longest, self.lora_parameters,
+                             self.scores)
         if plan is None:
             ttt = replace(ttt, steps=0)
         else:
@@ -145,10 +148,10 @@ class MemoryBudget:
             self.backend.set_checkpointing(plan.checkpointing)
         decode_length = min(self.backend.max_length, max(
             sequence_tokens(task.train, g) + answer_budget(plausible_side(task, g)) for g in task.test_inputs))
-        batch = decoding_batch(self.budget, resident, self.dims, config.infer.batch_size, decode_length)
+        batch = decoding_batch(self.budget, resident, self.dims, config.infer.batch_size, decode_length, self.scores)
         if batch == 0:
             raise MemoryError(f"decoding {decode_length} tokens does not fit {format_size(self.budget)}")
-        decoding = resident + decoding_bytes(self.dims, batch, decode_length)
+        decoding = resident + decoding_bytes(self.dims, batch, decode_length, self.scores)
         record = {"budget": self.budget, "resident": resident, "train_batch": ttt.batch_size,
                   "train_length": ttt.max_length or longest, "checkpointing": bool(plan and plan.checkpointing),
                   "decode_batch": batch, "estimated_peak": max(decoding, plan.estimated_bytes if plan else 0)}

@@ -5,7 +5,7 @@ import numpy as np
 from kit.augment import Augmentation, task_rng
 from kit.config import InferSettings
 from kit.format import GridFormat
-from kit.infer import predict, score_under_views
+from kit.infer import batches, predict, score_under_views
 from kit.tasks import Pair, Task
 from kit.vote import Candidate, rank, two_attempts
 
@@ -66,5 +66,13 @@ def test_a_candidate_too_long_for_a_view_gets_no_score_there_instead_of_failing(
     candidate = Candidate(np.ones((1, 6), np.uint8))
     prompts = [np.arange(5), np.arange(5)]
     model = CopyingModel(max_length=5 + 8)  # 1x6 takes 8 tokens with EOS; seen transposed, 6x1 takes 13
-    score_under_views(model, FMT, [candidate], [Augmentation(), Augmentation(symmetry=4)], prompts, batch_size=4)
+    score_under_views(model, FMT, [candidate], [Augmentation(), Augmentation(symmetry=4)], prompts,
+                      InferSettings(batch_size=4))
     assert candidate.view_scores == [-8.0, float("-inf")]
+
+
+def test_batches_bound_sequences_and_padded_tokens():
+    settings = InferSettings(batch_size=3, max_batch_tokens=100)
+    assert batches([10] * 7, settings) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert batches([40, 40, 60, 200, 10], settings) == [[0, 1], [2], [3], [4]]
+    assert [i for chunk in batches([5, 90, 30, 30, 30], settings) for i in chunk] == [0, 1, 2, 3, 4]

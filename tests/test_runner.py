@@ -30,7 +30,7 @@ def log_records(out: Path) -> list[dict]:
 def test_a_budget_run_ends_inside_its_budget_and_answers_every_task(tmp_path, capsys):
     out = tmp_path / "submission.json"
     start = time.monotonic()
-    assert main(["--dataset", "arc1-eval", "--tasks", *SMALL, "--budget", "50s", "--margin", "5s",
+    assert main(["--dataset", "arc1-eval", "--tasks", *SMALL, "--budget", "50s",
                  "--steps", "16", "--augs", "4", "--backend", "peft", "--out", str(out)]) == 0
     assert time.monotonic() - start < 50
     assert set(load_submission(out, counts(SMALL))) == set(SMALL)
