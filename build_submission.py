@@ -91,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     b.add_argument("--plan-tasks", type=positive, metavar="N",
                    help="with --plan: project N tasks (the loaded ones, cycled), e.g. Kaggle's 120")
     b.add_argument("--calibrate", action="store_true",
-                   help="measure train/decode throughput of this machine and model (~1.5 min on a CPU), save --profile, stop")
+                   help="measure train/decode throughput of this machine and model (~1.5 min on a CPU), "
+                        "save --profile, stop")
     b.add_argument("--profile", type=Path, metavar="FILE",
                    help="throughput profile to read or write (default: throughput.json beside --out)")
     args = p.parse_args(argv)
