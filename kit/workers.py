@@ -165,7 +165,6 @@ class InlinePool:
         self.worker = Worker(config, log)
         self.log = log
         self.done: list[JobResult] = []
-        self.size = 1
 
     def idle(self) -> int:
         return 0 if self.done else 1
