@@ -18,7 +18,7 @@ class ResultsStore:
         """`initial` holds the answers written before any task is solved (the no-model baseline). With `resume`,
         the tasks finished in the log beside `out` keep their answers and count as done; else the log restarts."""
         self.out = out
-        self.log_path = out.with_name(out.stem + ".log.jsonl")
+        self.log_path = log_path(out)
         self.test_counts = test_counts
         self.answers = dict(initial)
         self.done: set[str] = set()
@@ -68,6 +68,16 @@ class ResultsStore:
         submission = self.submission()
         validate_submission(submission, self.test_counts, str(self.out))
         write_json_atomic(self.out, submission)
+
+
+def log_path(out: Path) -> Path:
+    """The per-task JSONL log beside a submission."""
+    return out.with_name(out.stem + ".log.jsonl")
+
+
+def summary_path(out: Path) -> Path:
+    """The run summary beside a submission (source, model, device, budget, phases, score)."""
+    return out.with_name(out.stem + ".run.json")
 
 
 def write_json_lines(path: Path, records: list[dict]) -> None:

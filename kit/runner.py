@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from typing import Callable, Iterator
 
 from kit.config import RunConfig
-from kit.results import ResultsStore
+from kit.results import ResultsStore, summary_path
 from kit.schedule import Assignment, Planner, Profile, TaskEstimate, format_duration, plan_summary
-from kit.submission import Score, baseline_attempts, score_submission, solutions_of
+from kit.submission import Score, baseline_attempts, score_submission, solutions_of, write_json_atomic
 from kit.tasks import Task, TaskSet, attach_solutions, load_bundled, load_challenges, load_solutions
 
 TTT_SLACK = 1.5  # a task may train this much longer than its estimate before its TTT deadline stops it
@@ -113,8 +114,10 @@ def print_plan(config: RunConfig, task_set: TaskSet, log: Callable[[str], None])
 
 
 def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started: float,
-              phases: dict[str, float], log: Callable[[str], None]) -> None:
-    """Every task not done yet through a worker, in the planner's order, re-planning after each result."""
+              phases: dict[str, float], summary: dict, log: Callable[[str], None]) -> None:
+    """Every task not done yet through a worker, in the planner's order, re-planning after each result.
+    Each log record gets the planner's estimate and its start and finish (seconds since `started`); `summary`
+    gets the backend, device and task counts."""
     from tqdm import tqdm
 
     from kit.workers import InlinePool, Job, ProcessPool, visible_gpus
@@ -151,7 +154,10 @@ def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started
                 if deadline is not None:
                     a = planner.fit(estimates[a.task_id], a, deadline - now)
                 if not a.runs_model:
-                    store.record(a.task_id, baseline_attempts(tasks[a.task_id]), {"fallback": "no time"}, write=False)
+                    at = round(now - started, 3)
+                    store.record(a.task_id, baseline_attempts(tasks[a.task_id]),
+                                 {"fallback": "no time", "planned_seconds": 0.0, "started": at, "finished": at},
+                                 write=False)
                     counts["fallback (no time)"] += 1
                     fallbacks += 1
                     bar.update()
@@ -167,10 +173,11 @@ def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started
             if not in_flight:
                 break
             result = pool.next_result()
-            in_flight.pop(result.task_id, None)
-            details = result.details
+            a, t0 = in_flight.pop(result.task_id)
+            details = result.details | {"planned_seconds": round(a.seconds, 3), "started": round(t0 - started, 3),
+                                        "finished": round(time.monotonic() - started, 3)}
             planner.observe(estimates[result.task_id], details)
-            for phase in ("ttt", "infer"):
+            for phase in ("ttt", "infer", "vote"):
                 phases[phase] = phases.get(phase, 0.0) + details.get(f"{phase}_seconds", 0.0)
             store.record(result.task_id, result.attempts, details)
             solved += sum(details.get("solved", []))
@@ -182,7 +189,9 @@ def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started
             queue = replan([a.task_id for a in queue])
     finally:
         bar.close()
+        summary |= pool.describe()
         pool.close()
+    summary["counts"] = counts
     log("tasks: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
@@ -207,8 +216,10 @@ def run(config: RunConfig, log: Callable[[str], None] = print) -> RunResult:
     with timed(phases, "write"):
         store = ResultsStore(config.out, task_set.test_counts(),
                              {t.id: baseline_attempts(t) for t in task_set.tasks}, resume=config.resume)
+    summary = run_summary(config, task_set)
+    write_json_atomic(summary_path(config.out), summary)
     if not config.no_model:
-        solve_all(task_set, store, config, started, phases, log)
+        solve_all(task_set, store, config, started, phases, summary, log)
     submission = store.submission()
     log(f"wrote {config.out} ({len(submission)} tasks, {sum(store.test_counts.values())} test inputs)")
     score = None
@@ -220,4 +231,27 @@ def run(config: RunConfig, log: Callable[[str], None] = print) -> RunResult:
     elapsed = time.monotonic() - started
     budget = f" of a {format_duration(config.budget)} budget" if config.budget else ""
     log(f"time {format_duration(elapsed)}{budget}: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()))
+    summary |= {"status": "finished", "wall_s": round(elapsed, 3),
+                "phases": {k: round(v, 3) for k, v in phases.items()},
+                "score": score and {"solved": score.solved, "total": score.total}}
+    write_json_atomic(summary_path(config.out), summary)
     return RunResult(task_set, submission, score, phases)
+
+
+def run_summary(config: RunConfig, task_set: TaskSet) -> dict:
+    """What a report needs to describe the run and reload its tasks; rewritten with times and score at the end
+    (a killed run leaves status "running")."""
+    return {
+        "version": 1, "status": "running", "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": task_set.source, "dataset": None if config.challenges else config.dataset or "arc1-eval",
+        "challenges": config.challenges and str(config.challenges),
+        "solutions": config.solutions and str(config.solutions), "task_ids": [t.id for t in task_set.tasks],
+        "model": None if config.no_model else str(config.model or "embedded default"), "backend": None,
+        "device": None, "workers": config.workers or 1, "budget_s": config.budget,
+        "margin_s": config.safety_margin() if config.budget else None,
+        "deadline_s": config.budget - config.safety_margin() if config.budget else None, "wall_s": None,
+        "phases": {}, "score": None, "counts": {},
+        "settings": {"steps": config.ttt.steps, "augs": config.infer.augs, "batch_size": config.ttt.batch_size,
+                     "lora_rank": config.lora.rank, "lr": config.ttt.lr, "max_length": config.max_length,
+                     "rank_by": config.infer.rank_by, "seed": config.seed},
+    }

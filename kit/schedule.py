@@ -244,7 +244,8 @@ class Planner:
         self.corrections.update(self.profile.train_seconds(details.get("ttt_steps", 0), est.step_tokens),
                                 details["ttt_seconds"],
                                 self.profile.infer_seconds(views, est.prompt_tokens, est.decode_tokens, est.tests)
-                                + self.profile.task_overhead_s, details.get("infer_seconds", 0.0))
+                                + self.profile.task_overhead_s,
+                                details.get("infer_seconds", 0.0) + details.get("vote_seconds", 0.0))
 
     def table(self, est: TaskEstimate) -> tuple[list[Level], np.ndarray, np.ndarray]:
         options = levels(self.max_steps, self.max_views)

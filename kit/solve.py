@@ -30,18 +30,23 @@ def solve_task(backend: Backend, fmt: GridFormat, task: Task, config: RunConfig,
     start = time.monotonic()
     rng = task_rng(config.seed, task.id, "infer")
     attempts, candidates, errors = [], [], []
+    vote_seconds = 0.0
     for i, test_input in enumerate(task.test_inputs):
         try:
-            ranked = rank(predict(backend, fmt, task, test_input, config.infer, rng, deadline), config.infer.rank_by)
+            predicted = predict(backend, fmt, task, test_input, config.infer, rng, deadline)
+            voting = time.monotonic()
+            ranked = rank(predicted, config.infer.rank_by)
         except Exception as e:  # noqa: BLE001 - this test input falls back; the task's other answers stand
-            ranked = []
+            ranked, voting = [], time.monotonic()
             errors.append(f"test[{i}]: {e!r}")
         attempts.append(two_attempts(ranked, fallback=test_input))
+        vote_seconds += time.monotonic() - voting
         candidates.append([c.to_record() for c in ranked])
     details = {"errors": errors} if errors else {}
     details |= {"ttt_steps": ttt.steps, "ttt_stopped": ttt.stopped, "ttt_tokens": ttt.tokens,
                "losses": [round(x, 4) for x in ttt.losses], "ttt_seconds": round(ttt.seconds, 3),
-               "infer_seconds": round(time.monotonic() - start, 3), "candidates": candidates}
+               "infer_seconds": round(time.monotonic() - start - vote_seconds, 3),
+               "vote_seconds": round(vote_seconds, 4), "candidates": candidates}
     if task.test_outputs is not None:
         details["solved"] = [any(np.array_equal(a, truth) for a in pair)
                              for pair, truth in zip(attempts, task.test_outputs)]

@@ -66,6 +66,17 @@ class Worker:
         self.fmt = GridFormat.from_tokenizer(self.backend.tokenizer, str(model_dir))
         self.memory = MemoryBudget(self.backend, config.memory, log)
 
+    def describe(self) -> dict:
+        """What ran the tasks, for the run summary."""
+        device = self.backend.device
+        name = f"{device} ({self.device_name()})" if device.type == "cuda" else str(device)
+        return {"backend": self.backend.name, "device": name}
+
+    def device_name(self) -> str:
+        import torch
+
+        return torch.cuda.get_device_name(self.backend.device)
+
     def run(self, job: Job, log: Callable[[str], None]) -> JobResult:
         from kit import solve  # looked up at call time, so a test can wrap solve_task
 
@@ -169,6 +180,9 @@ class InlinePool:
     def idle(self) -> int:
         return 0 if self.done else 1
 
+    def describe(self) -> dict:
+        return self.worker.describe()
+
     def submit(self, job: Job) -> None:
         self.done.append(self.worker.run(job, self.log))
 
@@ -205,7 +219,7 @@ def _worker_main(index: int, gpu: int | None, threads: int, config: RunConfig, j
     except Exception as e:  # noqa: BLE001 - reported to the main process, which goes on without this worker
         results.put(("dead", index, repr(e)))
         return
-    results.put(("ready", index, None))
+    results.put(("ready", index, worker.describe()))
     while (job := jobs.get()) is not None:
         results.put(("start", index, job.task.id))
         result = worker.run(job, log)
@@ -231,6 +245,7 @@ class ProcessPool:
         self.busy: dict[int, Job] = {}  # worker -> the job it took
         self.pending: list[Job] = []  # submitted, not yet reported back
         self.dead: set[int] = set()
+        self.description: dict = {}  # the first ready worker's backend and device
 
     def idle(self) -> int:
         return max(0, self.size - len(self.dead) - len(self.pending))
@@ -251,6 +266,8 @@ class ProcessPool:
                 continue
             if kind == "log":
                 self.log(payload)
+            elif kind == "ready":
+                self.description = self.description or payload
             elif kind == "start":
                 self.busy[index] = next(j for j in self.pending if j.task.id == payload)
             elif kind == "dead":
@@ -262,6 +279,9 @@ class ProcessPool:
                 self.busy.pop(index, None)
                 self.pending = [j for j in self.pending if j.task.id != payload.task_id]
                 return payload
+
+    def describe(self) -> dict:
+        return self.description
 
     def _reap(self) -> JobResult | None:
         """When a worker process has died (killed, out of memory), its job comes back as a failure."""

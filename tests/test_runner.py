@@ -36,8 +36,15 @@ def test_a_budget_run_ends_inside_its_budget_and_answers_every_task(tmp_path, ca
     assert set(load_submission(out, counts(SMALL))) == set(SMALL)
     records = {r["task"]: r for r in log_records(out)}
     assert set(records) == set(SMALL)  # each task: a model answer or a "no time" fallback, never missing
+    for r in records.values():  # when each task ran and what it was planned to take, for the report
+        assert 0 <= r["started"] <= r["finished"] < 50 and r["planned_seconds"] >= 0
     printed = capsys.readouterr().out
     assert "tasks: trained" in printed and "score " in printed and "budget" in printed
+    summary = json.loads((tmp_path / "submission.run.json").read_text())
+    assert summary["status"] == "finished" and summary["backend"] == "peft" and summary["device"] == "cpu"
+    assert summary["task_ids"] == SMALL and summary["dataset"] == "arc1-eval" and summary["budget_s"] == 50
+    assert summary["wall_s"] < 50 and summary["score"]["total"] == 6 and summary["phases"]["ttt"] > 0
+    assert sum(summary["counts"].values()) == len(SMALL)
 
 
 def sleep_while_running(out: Path, process: subprocess.Popen, seconds: float) -> None:
@@ -114,3 +121,5 @@ def test_two_cpu_workers_run_end_to_end(tmp_path, workers):
     records = log_records(out)
     assert sorted(r["task"] for r in records) == sorted(ids)
     assert {r["worker"] for r in records} <= set(range(workers)) and all("error" not in r for r in records)
+    summary = json.loads((tmp_path / "submission.run.json").read_text())
+    assert summary["backend"] == "peft" and summary["device"] == "cpu" and summary["workers"] == workers
