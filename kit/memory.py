@@ -301,6 +301,16 @@ def steady_cpu_allocator(threshold: int = MIB) -> bool:
         return False
 
 
+def trim_cpu_heap() -> bool:
+    """Hand the heap's free memory back to the system (glibc malloc_trim), so that one task's freed
+    activations do not count as resident when the next task is planned. False where glibc is absent."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def resident_memory(device_type: str) -> int:
     """What the process holds now: CUDA tensors allocated, or the CPU resident set (VmRSS)."""
     if device_type == "cuda":

@@ -123,3 +123,20 @@ def test_two_cpu_workers_run_end_to_end(tmp_path, workers):
     assert {r["worker"] for r in records} <= set(range(workers)) and all("error" not in r for r in records)
     summary = json.loads((tmp_path / "submission.run.json").read_text())
     assert summary["backend"] == "peft" and summary["device"] == "cpu" and summary["workers"] == workers
+
+
+def test_a_small_memory_budget_keeps_every_task_under_it(tmp_path):
+    """2 GiB for a worker whose model alone holds ~1 GB: the plan cuts the batch and the training length
+    (d5c634a2's leave-one-out sequences are 710 tokens) and the measured peak of each task stays under."""
+    out = tmp_path / "submission.json"
+    ids = ["66e6c45b", "d5c634a2"]
+    done = subprocess.run([sys.executable, "build_submission.py", "--dataset", "arc1-eval", "--tasks", *ids,
+                           "--steps", "3", "--augs", "2", "--backend", "peft", "--memory", "2GiB",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    records = {r["task"]: r for r in log_records(out)}
+    assert set(records) == set(ids) and all("error" not in r and r["ttt_steps"] == 3 for r in records.values())
+    for record in records.values():
+        assert record["memory"]["peak"] <= record["memory"]["budget"] == 2 * 2**30
+    big = records["d5c634a2"]["memory"]
+    assert big["train_batch"] * big["train_length"] < 4 * 710
