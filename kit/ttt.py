@@ -90,8 +90,7 @@ def train_task(backend: Backend, fmt: GridFormat, task: Task, settings: TTTSetti
 def fit(backend: Backend, fmt: GridFormat, batches: list[list[Sequence]], settings: TTTSettings,
         deadline: float | None, result: TTTResult) -> None:
     """The training loop proper: AdamW, linear warm-up then decay, gradient clipping; records into `result`."""
-    params = backend.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(backend.trainable_parameters(), lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=settings.warmup_steps,
                                                                     total=len(batches)))
     vocab = torch.tensor(fmt.grid_vocabulary, dtype=torch.long)
@@ -102,21 +101,29 @@ def fit(backend: Backend, fmt: GridFormat, batches: list[list[Sequence]], settin
         if deadline is not None and started + step_seconds >= deadline:
             result.stopped = "deadline"
             break
-        ids, labels, mask = collate(batch, fmt.eos_id)
-        loss = backend.loss(ids, labels, mask, vocab)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, tokens = train_step(backend, batch, fmt.eos_id, vocab, optimizer, schedule)
         result.steps += 1
-        result.losses.append(float(loss.detach()))
-        result.tokens += int(mask.sum())
+        result.losses.append(loss)
+        result.tokens += tokens
         step_seconds = time.monotonic() - started
         if converged(result.losses, settings):
             result.stopped = "converged"
             break
     backend.eval()
+
+
+def train_step(backend: Backend, batch: list[Sequence], pad_id: int, vocab: torch.Tensor,
+               optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler) -> tuple[float, int]:
+    """One optimiser step on a batch (loss on labelled tokens within `vocab`, gradients clipped to norm 1);
+    returns the loss and the real tokens it saw. Shared by TTT and pretuning."""
+    ids, labels, mask = collate(batch, pad_id)
+    loss = backend.loss(ids, labels, mask, vocab)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(backend.trainable_parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach()), int(mask.sum())
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:

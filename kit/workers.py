@@ -57,11 +57,15 @@ class Worker:
     def __init__(self, config: RunConfig, log: Callable[[str], None]):
         from kit.backend import load_backend
         from kit.format import GridFormat
-        from kit.weights import ensure_default_model
+        from kit.weights import check_model_dir, ensure_default_model
 
         model_dir = config.model or ensure_default_model(log)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
+        manifest = check_model_dir(model_dir, hashes=False)  # the runner checked the files in full
+        log(f"model {model_dir}: " + ("no manifest (a plain model directory, used as it is)" if manifest is None
+                                      else f"packed from {manifest.get('base')}"
+                                      + (f" + {manifest['adapter']}" if manifest.get("adapter") else "")
+                                      + (f", vocabulary shrunk to {manifest['vocab_size']} tokens"
+                                         if manifest.get("token_map") else "")))
         self.config = config
         self.backend = load_backend(model_dir, config.backend, config.lora, config.max_length, config.seed, log)
         self.fmt = GridFormat.from_tokenizer(self.backend.tokenizer, str(model_dir))

