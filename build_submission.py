@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="baseline submission with no model (test input as both attempts)")
     p.add_argument("--skip-bad", action="store_true",
                    help="give invalid tasks a fallback answer instead of stopping")
+    p.add_argument("--report", action="store_true",
+                   help="after the run, write <out stem>.report.html: score, time, loss curves, every task's grids")
     m = p.add_argument_group("model, test-time training and inference")
     m.add_argument("--model", type=Path, metavar="DIR", help="model directory (default: the embedded SmolLM2-135M)")
     m.add_argument("--backend", choices=("auto", "unsloth", "peft"), default="auto",
@@ -98,8 +100,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     args = p.parse_args(argv)
     return RunConfig(
         challenges=args.challenges, solutions=args.solutions, dataset=args.dataset, tasks=args.tasks, out=args.out,
-        seed=args.seed, no_model=args.no_model, skip_bad=args.skip_bad, model=args.model, backend=args.backend,
-        max_length=args.max_length, budget=args.budget, margin=args.margin, workers=args.workers,
+        seed=args.seed, no_model=args.no_model, skip_bad=args.skip_bad, report=args.report, model=args.model,
+        backend=args.backend, max_length=args.max_length, budget=args.budget, margin=args.margin, workers=args.workers,
         memory=args.memory, resume=args.resume, plan_only=args.plan, plan_tasks=args.plan_tasks,
         calibrate=args.calibrate, profile=args.profile,
         lora=LoraSettings(rank=args.lora_rank, alpha=args.lora_rank),
@@ -113,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(config)
+        if config.report and not (config.plan_only or config.calibrate):
+            from kit.report import write_report
+
+            print(f"report {write_report(config.out)}")
     except (GridError, FormatError, OSError) as e:  # bad input or model: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -51,6 +51,7 @@ class RunConfig:
     seed: int = 0
     no_model: bool = False  # baseline answers (the test input as both attempts), no model at all
     skip_bad: bool = False  # a task that fails validation gets a fallback answer instead of stopping the run
+    report: bool = False  # after the run, write the HTML report beside `out` (kit/report.py)
     model: Path | None = None  # model directory; None: the embedded default
     backend: str = "auto"  # auto | unsloth | peft
     max_length: int = 2048  # longest sequence trained on or prompted with (the backend also caps it by the model)
