@@ -12,6 +12,8 @@ from kit.grids import GridError
 from kit.schedule import parse_duration
 from kit.tasks import BUNDLED
 
+LOCAL_BUDGET = "10m"  # a whole bundled set with no --budget: a dry run that ends, not hours of CPU
+
 
 def positive(text: str) -> int:
     """A whole number >= 1, for sizes that cannot be zero."""
@@ -81,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     b = p.add_argument_group("time and memory budget, workers, checkpoints")
     b.add_argument("--budget", type=duration, metavar="TIME",
                    help="whole-run time limit (11h30m, 10m, 90s): the planner spends it where it solves most, "
-                        "--steps/--augs become upper bounds, the run ends inside it")
+                        "--steps/--augs become upper bounds, the run ends inside it (default: none; "
+                        f"{LOCAL_BUDGET} for a whole bundled set, i.e. no --challenges and no --tasks)")
     b.add_argument("--margin", type=duration, metavar="TIME",
                    help="kept free before the budget ends (default: 3%% of it, at least 10s)")
     b.add_argument("--workers", type=positive, metavar="N", help="worker processes (default: one per GPU, or 1)")
@@ -98,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     b.add_argument("--profile", type=Path, metavar="FILE",
                    help="throughput profile to read or write (default: throughput.json beside --out)")
     args = p.parse_args(argv)
+    if args.budget is None and args.challenges is None and not args.tasks and not args.no_model:
+        args.budget = parse_duration(LOCAL_BUDGET)
+        print(f"no --budget: this dry run of a whole bundled set gets {LOCAL_BUDGET}")
     return RunConfig(
         challenges=args.challenges, solutions=args.solutions, dataset=args.dataset, tasks=args.tasks, out=args.out,
         seed=args.seed, no_model=args.no_model, skip_bad=args.skip_bad, report=args.report, model=args.model,

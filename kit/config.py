@@ -74,5 +74,10 @@ class RunConfig:
             return self.margin
         return max(10.0, 0.03 * self.budget) if self.budget else 0.0
 
+    def work_seconds(self) -> float | None:
+        """Seconds after the run's start by which all work must be done (the budget less the safety margin);
+        None without a budget."""
+        return self.budget - self.safety_margin() if self.budget else None
+
     def profile_path(self) -> Path:
         return self.profile or self.out.with_name("throughput.json")

@@ -151,6 +151,9 @@ def pretune(settings: PretuneSettings, log=print) -> Path:
         state = load_checkpoint(backend, optimizer, schedule, checkpoint)
         log(f"resumed {checkpoint} at step {state['step']}")
     settings.out.mkdir(parents=True, exist_ok=True)
+    if state["step"] == 0:  # the base's own held-out loss: what pretuning is measured against
+        state["held_out"].append((0, round(held_out_loss(backend, fmt, held, settings, vocab), 4)))
+        log(f"step 0: held-out loss {state['held_out'][-1][1]}")
     backend.train()
     bar = tqdm(total=settings.steps, initial=state["step"], desc="pretune", unit="step")
     batches: list = []

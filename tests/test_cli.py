@@ -49,3 +49,12 @@ def test_bad_file_is_one_clear_error_and_skip_bad_still_answers(tmp_path, capsys
     assert not out.exists()
     assert main(["--challenges", str(path), "--out", str(out), "--no-model", "--skip-bad"]) == 0
     assert load_submission(out, {"ok": 1, "broken": 1})["broken"][0]["attempt_1"] == [[0]]
+
+
+def test_a_whole_bundled_set_without_a_budget_gets_the_local_one(capsys):
+    from build_submission import parse_args
+
+    assert parse_args([]).budget == 600 and "gets 10m" in capsys.readouterr().out
+    assert parse_args(["--dataset", "arc2-eval", "--budget", "90s"]).budget == 90
+    assert parse_args(["--tasks", "66e6c45b"]).budget is None  # a chosen few run in full
+    assert parse_args(["--no-model"]).budget is None
