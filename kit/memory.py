@@ -294,21 +294,24 @@ def steady_cpu_allocator(threshold: int = MIB) -> bool:
     climbs far above the tensors alive (measured on a checkpointed 1x1024 step of SmolLM2-135M: 1113 MiB added
     against 174 MiB with a fixed 1 MiB threshold). The CPU estimates assume this setting. Process-wide;
     returns False where glibc is not the allocator (musl, macOS)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
 
 
 def trim_cpu_heap() -> bool:
     """Hand the heap's free memory back to the system (glibc malloc_trim), so that one task's freed
     activations do not count as resident when the next task is planned. False where glibc is absent."""
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has mallopt and malloc_trim); None elsewhere (musl, macOS)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def resident_memory(device_type: str) -> int:

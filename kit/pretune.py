@@ -176,14 +176,13 @@ def pretune(settings: PretuneSettings, log=print) -> Path:
     adapter = settings.out / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
     backend.model.save_pretrained(adapter)
-    summary = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+    summary = {"settings": asdict(settings),
                "model": str(model_dir), "backend": backend.name, "device": str(backend.device),
                "training_tasks": len(train), "evaluation_tasks_dropped": dropped,
                "held_out_ids": [t.id for t in held], "held_out_loss": state["held_out"],
                "final_loss": float(np.mean(state["losses"][-20:])), "seconds_this_run": time.monotonic() - start,
                "command": " ".join(["python -m kit.pretune", *sys.argv[1:]])}
-    summary["settings"]["extra"] = [str(p) for p in settings.extra]
-    (settings.out / "pretune.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (settings.out / "pretune.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     log(f"adapter saved to {adapter}; held-out loss {state['held_out'][-1][1] if state['held_out'] else 'n/a'}")
     return adapter
 

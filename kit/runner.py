@@ -18,7 +18,7 @@ from kit.results import ResultsStore, summary_path
 from kit.schedule import Assignment, Planner, Profile, TaskEstimate, format_duration, plan_summary
 from kit.submission import Score, baseline_attempts, score_submission, solutions_of, write_json_atomic
 from kit.tasks import Task, TaskSet, attach_solutions, load_bundled, load_challenges, load_solutions
-from kit.weights import check_model_dir
+from kit.weights import check_model_dir, ensure_default_model
 
 TTT_SLACK = 1.5  # a task may train this much longer than its estimate before its TTT deadline stops it
 
@@ -220,8 +220,13 @@ def run(config: RunConfig, log: Callable[[str], None] = print) -> RunResult:
     summary = run_summary(config, task_set)
     write_json_atomic(summary_path(config.out), summary)
     if not config.no_model:
-        if config.model is not None:
-            check_model_dir(config.model)  # here, so a bad directory stops the run with one line, not in workers
+        # The model directory is made ready and checked here, once: a bad one stops the run with one line, and
+        # worker processes neither hash it again nor race each other to pack the default.
+        with timed(phases, "model load"):
+            if config.model is None:
+                config = replace(config, model=ensure_default_model(log))
+            else:
+                check_model_dir(config.model)
         solve_all(task_set, store, config, started, phases, summary, log)
     submission = store.submission()
     log(f"wrote {config.out} ({len(submission)} tasks, {sum(store.test_counts.values())} test inputs)")

@@ -59,8 +59,8 @@ class Worker:
         from kit.format import GridFormat
         from kit.weights import check_model_dir, ensure_default_model
 
-        model_dir = config.model or ensure_default_model(log)
-        manifest = check_model_dir(model_dir, hashes=False)  # the runner checked the files in full
+        model_dir = config.model or ensure_default_model(log)  # the runner resolves it; benches may not
+        manifest = check_model_dir(model_dir, hashes=False)  # the runner or ensure_default_model hashed the files
         log(f"model {model_dir}: " + ("no manifest (a plain model directory, used as it is)" if manifest is None
                                       else f"packed from {manifest.get('base')}"
                                       + (f" + {manifest['adapter']}" if manifest.get("adapter") else "")
