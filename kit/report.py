@@ -24,6 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from kit.grids import Grid
+from kit.results import log_path, read_task_records, summary_path
 from kit.schedule import format_duration
 from kit.tasks import Task, attach_solutions, load_bundled, load_challenges, load_solutions
 
@@ -83,16 +84,7 @@ def submission_path(run: Path) -> Path:
 
 def read_log(path: Path) -> dict[str, dict]:
     """Task id -> its last complete record (a torn last line from a kill is skipped)."""
-    records = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "task" in record:
-                records[record["task"]] = record
-    return records
+    return {record["task"]: record for record in read_task_records(path)}
 
 
 def reload_tasks(summary: dict, task_ids: list[str]) -> dict[str, Task]:
@@ -123,10 +115,10 @@ def load_run(run: Path) -> RunData:
     path = submission_path(run)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such submission file (give a run's directory or its submission.json)")
-    summary_file = path.with_name(path.stem + ".run.json")
+    summary_file = summary_path(path)
     summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
     submission = json.loads(path.read_text(encoding="utf-8"))
-    records = read_log(path.with_name(path.stem + ".log.jsonl"))
+    records = read_log(log_path(path))
     task_ids = summary.get("task_ids") or list(submission)
     tasks = reload_tasks(summary, task_ids)
     data = RunData(path, summary)

@@ -34,15 +34,9 @@ class ResultsStore:
 
     def _finished_records(self) -> list[dict]:
         """The log's complete records of this run's tasks that were solved by the model (not budget fallbacks)."""
-        if not self.log_path.is_file():
-            return []
         records = []
-        for line in self.log_path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            task = record.get("task") if isinstance(record, dict) else None
+        for record in read_task_records(self.log_path):
+            task = record["task"]
             attempts = record.get("attempts") if task in self.test_counts else None
             if isinstance(attempts, list) and len(attempts) == self.test_counts[task] and "fallback" not in record:
                 records.append(record)
@@ -68,6 +62,21 @@ class ResultsStore:
         submission = self.submission()
         validate_submission(submission, self.test_counts, str(self.out))
         write_json_atomic(self.out, submission)
+
+
+def read_task_records(path: Path) -> list[dict]:
+    """The complete task records of a JSONL log, in order; a torn line (a kill mid-append) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "task" in record:
+            records.append(record)
+    return records
 
 
 def log_path(out: Path) -> Path:
