@@ -105,13 +105,26 @@ def held_out_loss(backend, fmt, tasks: list[Task], settings: PretuneSettings, vo
 
 def save_checkpoint(backend, optimizer, schedule, state: dict, directory: Path) -> None:
     """Adapter + optimiser + schedule + progress, replaced atomically (a kill never leaves half of one)."""
-    staging = directory.with_name(directory.name + ".tmp")
+    staging = staging_of(directory)
     shutil.rmtree(staging, ignore_errors=True)
     backend.model.save_pretrained(staging)
     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), **state},
-               staging / "state.pt")
+               staging / "state.pt.tmp")
+    (staging / "state.pt.tmp").replace(staging / "state.pt")  # written last: a staging copy with it is whole
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)
+
+
+def staging_of(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".tmp")
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint to resume from: the directory, or its staging copy when a kill fell between removing the
+    old checkpoint and renaming the new one (a staging copy holding state.pt is whole)."""
+    if directory.is_dir():
+        return directory
+    return staging_of(directory) if (staging_of(directory) / "state.pt").is_file() else None
 
 
 def load_checkpoint(backend, optimizer, schedule, directory: Path) -> dict:
@@ -147,9 +160,9 @@ def pretune(settings: PretuneSettings, log=print) -> Path:
                                                                     total=settings.steps))
     checkpoint = settings.out / "checkpoint"
     state = {"step": 0, "losses": [], "held_out": []}
-    if settings.resume and checkpoint.is_dir():
-        state = load_checkpoint(backend, optimizer, schedule, checkpoint)
-        log(f"resumed {checkpoint} at step {state['step']}")
+    if settings.resume and (latest := latest_checkpoint(checkpoint)) is not None:
+        state = load_checkpoint(backend, optimizer, schedule, latest)
+        log(f"resumed {latest} at step {state['step']}")
     settings.out.mkdir(parents=True, exist_ok=True)
     if state["step"] == 0:  # the base's own held-out loss: what pretuning is measured against
         state["held_out"].append((0, round(held_out_loss(backend, fmt, held, settings, vocab), 4)))

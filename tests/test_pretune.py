@@ -65,3 +65,17 @@ def test_a_pretune_killed_after_a_checkpoint_resumes_to_the_same_adapter(tmp_pat
         assert (a[name] - b[name]).abs().max() < 1e-6, name
     summary = json.loads((tmp_path / "resumed" / "pretune.json").read_text())
     assert [s for s, _ in summary["held_out_loss"]] == [0, 2, 4] and summary["evaluation_tasks_dropped"] == 0
+
+
+def test_resume_takes_a_whole_staging_checkpoint_when_a_kill_fell_between_remove_and_rename(tmp_path):
+    from kit.pretune import latest_checkpoint
+
+    checkpoint, staging = tmp_path / "checkpoint", tmp_path / "checkpoint.tmp"
+    assert latest_checkpoint(checkpoint) is None
+    staging.mkdir()
+    (staging / "adapter_model.safetensors").write_bytes(b"")
+    assert latest_checkpoint(checkpoint) is None  # cut short before state.pt: not whole
+    (staging / "state.pt").write_bytes(b"")
+    assert latest_checkpoint(checkpoint) == staging
+    checkpoint.mkdir()
+    assert latest_checkpoint(checkpoint) == checkpoint
