@@ -7,8 +7,11 @@ how the model is loaded and how train/eval modes are switched.
 Speed rules used throughout: the decoder runs once per batch, and the LM head is applied only where a
 log-probability is needed (labelled positions, the last position while decoding), restricted to the
 allowed vocabulary when one is given. The head itself runs in fp32 so that losses and scores do not carry
-bf16 rounding of the logits. transformers, peft and unsloth are imported lazily (unsloth patches
-transformers on import and must come first).
+bf16 rounding of the logits. Under bf16 autocast, PEFT's cast of each LoRA input to fp32 is switched off
+(autocast casts it straight back). `compile_training` compiles each decoder layer once for the training
+pass (regional compilation: one graph serves all layers, all batch sizes from 2 and all lengths); scoring
+and decoding always run eagerly, since the KV cache would recompile a graph per step. transformers, peft and
+unsloth are imported lazily (unsloth patches transformers on import and must come first).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import importlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +80,10 @@ class Backend:
         lora_ids = {id(p) for p in self._lora}
         for p in model.parameters():
             p.requires_grad_(id(p) in lora_ids)
+        if dtype == torch.bfloat16:  # autocast computes LoRA in bf16: PEFT's fp32 input cast is a wasted copy
+            for layer in self._lora_layers:
+                layer.cast_input_dtype_enabled = False
+        self.compiled = False  # training runs through compiled decoder layers (`compile_training`)
         self.reset_lora(seed)
         self.eval()
 
@@ -109,6 +116,31 @@ class Backend:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             base.gradient_checkpointing_disable()
+
+    def compile_training(self) -> float:
+        """Compile the decoder layers for training (torch.compile, dynamic shapes) and pay the compilation now,
+        with one step on a made-up 2-row batch, rather than inside a task's deadline; returns its seconds.
+        One-row batches and grad-free passes stay eager (each would cost another compilation). Raises what
+        the compiler raised (no C++ compiler, say), leaving the backend eager."""
+        start = time.perf_counter()
+        ids = (torch.arange(82) % self._head.shape[0]).reshape(2, 41)  # 41: no model dimension (a shared
+        # size would be traced as one symbol, and the graph then tied to that length)
+        labels = ids.clone()
+        labels[:, : ids.shape[1] // 2] = IGNORE
+        try:
+            for layer in self._decoder.layers:
+                layer.compile(dynamic=True)
+            self.compiled = True
+            self.train()
+            self.loss(ids, labels, torch.ones_like(ids)).backward()
+        except Exception:
+            self.compiled = False
+            raise
+        finally:
+            for p in self._lora:
+                p.grad = None
+            self.eval()
+        return time.perf_counter() - start
 
     def train(self) -> None:
         self.model.train()
@@ -156,7 +188,7 @@ class Backend:
             raise ValueError("loss/score need right-padded batches (attention_mask must be 1s then 0s per row)")
         targets = labels.masked_fill(attention_mask == 0, IGNORE)[:, 1:]  # token t predicts label t+1
         keep = targets != IGNORE
-        with self._autocast():
+        with self._autocast(), self._compiled_if(torch.is_grad_enabled() and input_ids.shape[0] > 1):
             hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state
         selected, wanted = hidden[:, :-1][keep], targets[keep]
         if vocab is None:
@@ -187,7 +219,7 @@ class Backend:
         head = self._head[allowed]
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         cache, steps = None, []
-        with self._autocast():
+        with self._autocast(), self._compiled_if(False):
             for _ in range(budget):
                 out = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                                     past_key_values=cache, use_cache=True)
@@ -207,6 +239,10 @@ class Backend:
 
     def _autocast(self) -> AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+
+    def _compiled_if(self, wanted: bool) -> AbstractContextManager:
+        """Compiled layers where `wanted` (and compiled), else eager: a graph-free stance, not a recompilation."""
+        return nullcontext() if self.compiled and wanted else torch.compiler.set_stance("force_eager")
 
     def _logits(self, hidden: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         """LM head in fp32, outside autocast: exact enough to compare likelihoods across candidates."""

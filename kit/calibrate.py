@@ -43,7 +43,7 @@ def calibrate(config: RunConfig, task_set: TaskSet, log: Callable[[str], None]) 
     rng = task_rng(config.seed, task.id, "calibrate")
 
     tokens, seconds = [], []
-    for batch_size in (1, config.ttt.batch_size):
+    for batch_size in (max(1, config.ttt.batch_size // 2), config.ttt.batch_size):  # 2+ rows: compiled
         sequences = training_sequences(fmt, task, batch_size * (TRAIN_STEPS + 1), backend.max_length, rng)
         batches = bucketed_batches(sequences, batch_size, rng)
         settings = replace(config.ttt, converged_window=0)

@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Compiling the training pass costs 10-50 s once per worker (less with torch's on-disk cache) and saves ~20% of
+# every CPU training step (docs/results.md): worth it only for runs that train for minutes.
+COMPILE_MIN_BUDGET = 300.0  # seconds of run budget
+COMPILE_MIN_STEPS = 300  # or, without a budget, TTT steps over all tasks
+
 
 @dataclass
 class LoraSettings:
@@ -54,6 +59,7 @@ class RunConfig:
     report: bool = False  # after the run, write the HTML report beside `out` (kit/report.py)
     model: Path | None = None  # model directory; None: the embedded default
     backend: str = "auto"  # auto | unsloth | peft
+    compile: str = "auto"  # auto | on | off: compile the training pass (`compiles`)
     max_length: int = 2048  # longest sequence trained on or prompted with (the backend also caps it by the model)
     budget: float | None = None  # seconds for the whole run; None: every task gets the full steps and views
     margin: float | None = None  # seconds kept free before the budget ends; None: max(10 s, 3% of the budget)
@@ -78,6 +84,17 @@ class RunConfig:
         """Seconds after the run's start by which all work must be done (the budget less the safety margin);
         None without a budget."""
         return self.budget - self.safety_margin() if self.budget else None
+
+    def compiles(self, device: str, tasks: int | None = None) -> bool:
+        """Whether workers compile the training pass: `compile` "on"/"off", or "auto": on a CPU (where it was
+        measured) when the run trains long enough to pay it back; `tasks` None means a run of unknown size."""
+        if self.compile != "auto":
+            return self.compile == "on"
+        if device != "cpu" or self.no_model or self.ttt.steps == 0:
+            return False
+        if self.budget is not None:
+            return self.budget >= COMPILE_MIN_BUDGET
+        return tasks is None or tasks * self.ttt.steps >= COMPILE_MIN_STEPS
 
     def profile_path(self) -> Path:
         return self.profile or self.out.with_name("throughput.json")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from kit.tasks import Task, evaluation_ids, load_bundled, load_challenges
-from kit.ttt import bucketed_batches, collate, lr_factor, train_step, training_sequences
+from kit.ttt import adamw, bucketed_batches, collate, lr_factor, train_step, training_sequences
 
 CHUNK = 16  # batches drawn and bucketed by length together
 HELD_OUT_STREAM = 2**32 - 1  # the generator key of the held-out views (chunks count up from 0)
@@ -155,7 +155,7 @@ def pretune(settings: PretuneSettings, log=print) -> Path:
     backend.reset_lora(settings.seed)
     fmt = GridFormat.from_tokenizer(backend.tokenizer, str(model_dir))
     vocab = torch.tensor(fmt.grid_vocabulary, dtype=torch.long)
-    optimizer = torch.optim.AdamW(backend.trainable_parameters(), lr=settings.lr, weight_decay=0.0)
+    optimizer = adamw(backend.trainable_parameters(), settings.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=settings.warmup_steps,
                                                                     total=settings.steps))
     checkpoint = settings.out / "checkpoint"

@@ -129,7 +129,9 @@ def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started
         log(f"resuming: {len(store.done)} tasks already done, {len(tasks)} to go")
     planner = make_planner(config, load_profile(config, log))
     estimates = {i: estimate(config, t) for i, t in tasks.items()}
-    workers = config.workers or max(1, visible_gpus())
+    gpus = visible_gpus()
+    workers = config.workers or max(1, gpus)
+    config = replace(config, compile="on" if config.compiles("cuda" if gpus else "cpu", len(tasks)) else "off")
     with timed(phases, "model load"):
         pool = InlinePool(config, log) if workers == 1 else ProcessPool(config, workers, log)
     in_flight: dict[str, tuple[Assignment, float]] = {}  # task -> (assignment, start)

@@ -69,13 +69,18 @@ class Worker:
         self.config = config
         self.backend = load_backend(model_dir, config.backend, config.lora, config.max_length, config.seed, log)
         self.fmt = GridFormat.from_tokenizer(self.backend.tokenizer, str(model_dir))
+        if config.compiles(self.backend.device.type):
+            try:
+                log(f"compiled the training pass in {self.backend.compile_training():.1f} s")
+            except Exception as e:  # noqa: BLE001 - no C++ compiler, an unsupported model: train eagerly
+                log(f"training stays eager: compiling it failed ({type(e).__name__}: {e})")
         self.memory = MemoryBudget(self.backend, config.memory, log)
 
     def describe(self) -> dict:
         """What ran the tasks, for the run summary."""
         device = self.backend.device
         name = f"{device} ({self.device_name()})" if device.type == "cuda" else str(device)
-        return {"backend": self.backend.name, "device": name}
+        return {"backend": self.backend.name, "device": name, "compiled": self.backend.compiled}
 
     def device_name(self) -> str:
         import torch

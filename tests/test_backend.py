@@ -248,3 +248,39 @@ def test_real_default_model_generates_and_scores() -> None:
     answer = np.array(tokenizer.encode("65\n87\n", add_special_tokens=False) + [eos], dtype=np.int64)
     scores = backend.score([prompt, prompt], [answer, out], vocab)
     assert np.isfinite(scores).all() and (scores < 0).all()
+
+
+def test_compiled_training_matches_eager_without_recompiling(tiny_dir) -> None:
+    """The compiled training pass gives the eager loss and gradients; other lengths and batch sizes reuse its
+    graph, and one-row batches, scoring and decoding run eagerly instead of compiling anew."""
+    backend = load_backend(tiny_dir, kind="peft", lora=LoraSettings(rank=4, alpha=8), max_length=128, seed=0,
+                           log=lambda _: None, dtype=torch.float32)
+    train_steps(backend, 2, np.random.default_rng(11))  # a non-zero adapter
+    batches = [right_padded(random_rows(np.random.default_rng(12), lengths), [3] * len(lengths))
+               for lengths in ([18, 11, 14], [40, 33], [9])]
+    prompts = random_rows(np.random.default_rng(13), [7, 12])
+
+    def losses_and_grads() -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        backend.train()
+        out = []
+        for ids, labels, mask in batches:
+            loss = backend.loss(ids, labels, mask, GRID_VOCAB)
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in backend.trainable_parameters()]))
+            for p in backend.trainable_parameters():
+                p.grad = None
+        backend.eval()
+        return out
+
+    eager, eager_scores = losses_and_grads(), backend.score(prompts, prompts, GRID_VOCAB)
+    eager_tokens = backend.generate(prompts, GRID_VOCAB, EOS, 6)
+    assert backend.compile_training() > 0 and backend.compiled
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled = losses_and_grads()
+        np.testing.assert_allclose(backend.score(prompts, prompts, GRID_VOCAB), eager_scores, rtol=1e-6)
+        for got, want in zip(backend.generate(prompts, GRID_VOCAB, EOS, 6), eager_tokens):
+            np.testing.assert_array_equal(got, want)
+    for (loss, grads), (want_loss, want_grads) in zip(compiled, eager):
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, want_grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

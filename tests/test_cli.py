@@ -58,3 +58,16 @@ def test_a_whole_bundled_set_without_a_budget_gets_the_local_one(capsys):
     assert parse_args(["--dataset", "arc2-eval", "--budget", "90s"]).budget == 90
     assert parse_args(["--tasks", "66e6c45b"]).budget is None  # a chosen few run in full
     assert parse_args(["--no-model"]).budget is None
+
+
+def test_compile_auto_only_for_cpu_runs_that_train_for_minutes():
+    from build_submission import parse_args
+
+    long_run = parse_args(["--budget", "10m"])
+    assert long_run.compile == "auto" and long_run.compiles("cpu") and not long_run.compiles("cuda")
+    assert not parse_args(["--budget", "2m"]).compiles("cpu")
+    assert not parse_args(["--budget", "10m", "--steps", "0"]).compiles("cpu")
+    few = parse_args(["--tasks", "a", "b", "--steps", "60"])
+    assert not few.compiles("cpu", tasks=2) and few.compiles("cpu", tasks=10)
+    assert parse_args(["--budget", "2m", "--compile", "on"]).compiles("cuda")
+    assert not parse_args(["--budget", "1h", "--compile", "off"]).compiles("cpu")

@@ -26,3 +26,16 @@ def test_real_model_on_a_real_task(tmp_path, steps):
     assert len(record["candidates"]) == 1 and len(record["solved"]) == 1
     for candidate in record["candidates"][0]:
         assert candidate["votes"] >= 1 and len(candidate["view_scores"]) == 4
+
+
+def test_compiled_training_on_the_real_model(tmp_path):
+    """`--compile on` (what auto picks for long CPU runs) on the default backend: the run says it compiled, and
+    the compiled TTT learns as the eager one does (0.63 -> 0.07 in 8 steps, both ways, when this was written)."""
+    out = tmp_path / "submission.json"
+    assert main(["--dataset", "arc1-eval", "--tasks", SMALL_TASK, "--steps", "8", "--augs", "4", "--compile", "on",
+                 "--out", str(out)]) == 0
+    summary = json.loads(out.with_name("submission.run.json").read_text())
+    (record,) = [json.loads(line) for line in out.with_name("submission.log.jsonl").read_text().splitlines()]
+    assert summary["compiled"] is True and "error" not in record and record["ttt_steps"] == 8
+    load_submission(out, load_bundled("arc1-eval").select([SMALL_TASK]).test_counts())
+    assert record["losses"][-1] < 0.5 * record["losses"][0]
