@@ -10,8 +10,9 @@ allowed vocabulary when one is given. The head itself runs in fp32 so that losse
 bf16 rounding of the logits. Under bf16 autocast, PEFT's cast of each LoRA input to fp32 is switched off
 (autocast casts it straight back). `compile_training` compiles each decoder layer once for the training
 pass (regional compilation: one graph serves all layers, all batch sizes from 2 and all lengths); scoring
-and decoding always run eagerly, since the KV cache would recompile a graph per step. transformers, peft and
-unsloth are imported lazily (unsloth patches transformers on import and must come first).
+and decoding always run eagerly, since the KV cache would recompile a graph per step. On a CPU the attention
+kernel follows the length (`attention_for`). transformers, peft and unsloth are imported lazily (unsloth patches
+transformers on import and must come first).
 """
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ from kit.weights import offline_environment
 __all__ = ["Backend", "LoraSettings", "PeftBackend", "UnslothBackend", "load_backend", "offline_environment"]
 
 Ids = Sequence[int] | torch.Tensor  # token ids: a list, or a 1-D LongTensor
+
+
+# On a CPU, eager attention is the faster kernel for short passes and torch's flash kernel (sdpa, causal, no mask)
+# for long ones, where eager's batch x heads x length^2 fp32 scores swamp the memory traffic: SmolLM2-135M training
+# steps of 4 x 316 tokens took 2.9 s eager vs 3.3 s sdpa, 4 x 454 about even, 4 x 710 13-17 s eager vs 8-9 s sdpa.
+CPU_SDPA_FROM = 512  # tokens
 
 
 def pick_device() -> torch.device:
@@ -65,10 +72,14 @@ class Backend:
         from peft.tuners.lora import LoraLayer
 
         self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
-        base = model.get_base_model()
+        self._base = base = model.get_base_model()
         self.max_length = min(max_length, getattr(base.config, "max_position_embeddings", max_length))
-        if device.type == "cpu":  # torch's CPU flash-attention kernel was 4x slower than eager on ARC lengths
-            base.set_attn_implementation("eager")
+        cpu = device.type == "cpu"
+        # Decoding's prefill (left-padded: an explicit mask, so no flash kernel) was as fast eager as sdpa on a CPU.
+        self.decode_attention = "eager" if cpu else base.config._attn_implementation
+        # None: the loaded kernel at every length (GPUs, and models without sdpa)
+        self.sdpa_from = CPU_SDPA_FROM if cpu and getattr(base, "_supports_sdpa", False) else None
+        self._set_attention(self.decode_attention)
         self._decoder = base.get_decoder()
         self._head = base.get_output_embeddings().weight
         self._pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
@@ -109,30 +120,29 @@ class Backend:
     def set_checkpointing(self, on: bool) -> None:
         """Gradient checkpointing of the decoder layers: recompute activations in the backward pass instead of
         keeping them (the memory plan turns it on when a task's batch would not fit otherwise)."""
-        base = self.model.get_base_model()
-        if on == bool(getattr(base, "is_gradient_checkpointing", False)):
+        if on == bool(getattr(self._base, "is_gradient_checkpointing", False)):
             return
         if on:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            base.gradient_checkpointing_disable()
+            self._base.gradient_checkpointing_disable()
 
     def compile_training(self) -> float:
         """Compile the decoder layers for training (torch.compile, dynamic shapes) and pay the compilation now,
-        with one step on a made-up 2-row batch, rather than inside a task's deadline; returns its seconds.
-        One-row batches and grad-free passes stay eager (each would cost another compilation). Raises what
-        the compiler raised (no C++ compiler, say), leaving the backend eager."""
+        with one step on made-up 2-row batches per attention kernel, rather than inside a task's deadline;
+        returns its seconds. One-row batches and grad-free passes stay eager (each would cost another
+        compilation). Raises what the compiler raised (no C++ compiler, say), leaving the backend eager."""
         start = time.perf_counter()
-        ids = (torch.arange(82) % self._head.shape[0]).reshape(2, 41)  # 41: no model dimension (a shared
-        # size would be traced as one symbol, and the graph then tied to that length)
-        labels = ids.clone()
-        labels[:, : ids.shape[1] // 2] = IGNORE
         try:
             for layer in self._decoder.layers:
                 layer.compile(dynamic=True)
             self.compiled = True
             self.train()
-            self.loss(ids, labels, torch.ones_like(ids)).backward()
+            for length in self._warmup_lengths():
+                ids = (torch.arange(2 * length) % self._head.shape[0]).reshape(2, length)
+                labels = ids.clone()
+                labels[:, : length // 2] = IGNORE
+                self.loss(ids, labels, torch.ones_like(ids)).backward()
         except Exception:
             self.compiled = False
             raise
@@ -141,6 +151,23 @@ class Backend:
                 p.grad = None
             self.eval()
         return time.perf_counter() - start
+
+    def _warmup_lengths(self) -> list[int]:
+        """One length per attention kernel a training pass may use. Odd, so that no model dimension equals it:
+        a size shared with a weight would be traced as the same symbol, tying the graph to that length."""
+        short = 41 if self.sdpa_from is None else max(3, min(41, self.sdpa_from - 1))
+        lengths = [short - (short % 2 == 0)] + ([self.sdpa_from | 1] if self.sdpa_from else [])
+        return [n for n in lengths if n <= self.max_length]
+
+    def attention_for(self, length: int) -> str:
+        """The attention kernel of a right-padded pass (training, scoring) over `length` tokens (CPU_SDPA_FROM)."""
+        if self.sdpa_from is None:
+            return self.decode_attention
+        return "sdpa" if length >= self.sdpa_from else "eager"
+
+    def holds_attention_scores(self, length: int) -> bool:
+        """Whether a training pass of `length` tokens materialises the length^2 scores (for the memory plan)."""
+        return self.attention_for(length) == "eager"
 
     def train(self) -> None:
         self.model.train()
@@ -188,6 +215,7 @@ class Backend:
             raise ValueError("loss/score need right-padded batches (attention_mask must be 1s then 0s per row)")
         targets = labels.masked_fill(attention_mask == 0, IGNORE)[:, 1:]  # token t predicts label t+1
         keep = targets != IGNORE
+        self._set_attention(self.attention_for(input_ids.shape[1]))
         with self._autocast(), self._compiled_if(torch.is_grad_enabled() and input_ids.shape[0] > 1):
             hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state
         selected, wanted = hidden[:, :-1][keep], targets[keep]
@@ -219,6 +247,7 @@ class Backend:
         head = self._head[allowed]
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         cache, steps = None, []
+        self._set_attention(self.decode_attention)
         with self._autocast(), self._compiled_if(False):
             for _ in range(budget):
                 out = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
@@ -239,6 +268,10 @@ class Backend:
 
     def _autocast(self) -> AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+
+    def _set_attention(self, kernel: str) -> None:
+        if self._base.config._attn_implementation != kernel:
+            self._base.set_attn_implementation(kernel)
 
     def _compiled_if(self, wanted: bool) -> AbstractContextManager:
         """Compiled layers where `wanted` (and compiled), else eager: a graph-free stance, not a recompilation."""

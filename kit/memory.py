@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,10 +95,11 @@ class ModelDims:
                    dtype_bytes=int(dtype_bytes), head_dim=int(fields.get("head_dim") or 0))
 
 
-def uses_eager_attention(config: Any) -> bool:
-    """Whether the model materialises the batch x heads x length^2 attention scores (eager), or not (sdpa's
-    flash and memory-efficient kernels, flash_attention_2): the `attention_scores` argument of the estimates."""
-    return getattr(config, "_attn_implementation", None) in (None, "eager")
+def uses_eager_attention(kernel: str | None) -> bool:
+    """Whether an attention kernel (a transformers `attn_implementation`) materialises the batch x heads x
+    length^2 scores (eager), or not (sdpa's flash and memory-efficient kernels, flash_attention_2): the
+    `attention_scores` argument of the estimates."""
+    return kernel in (None, "eager")
 
 
 # --- estimates ---------------------------------------------------------------------------------------------
@@ -218,14 +219,16 @@ class MemoryPlan:
 
 
 def plan_training(budget: int, resident: int, dims: ModelDims, batch_size: int, max_length: int,
-                  lora_parameters: int, attention_scores: bool = True,
+                  lora_parameters: int, attention_scores: bool | Callable[[int], bool] = True,
                   min_length: int = MIN_LENGTH) -> MemoryPlan | None:
     """The first plan whose estimated peak fits the budget, in order of preference: the configured batch and
     length without checkpointing (fastest); with checkpointing (recomputes each layer's forward, same training); halved
     batches down to 1 (fewer examples per step); halved lengths down to `min_length` (drops demonstrations).
-    None when not even one sequence of `min_length` tokens fits."""
+    None when not even one sequence of `min_length` tokens fits. `attention_scores` may depend on the length
+    (a backend that picks its attention kernel by length)."""
+    holds_scores = attention_scores if callable(attention_scores) else lambda _: attention_scores
     for batch, length, checkpointing in _candidates(batch_size, max_length, min_length):
-        peak = resident + training_bytes(dims, batch, length, checkpointing, lora_parameters, attention_scores)
+        peak = resident + training_bytes(dims, batch, length, checkpointing, lora_parameters, holds_scores(length))
         if peak <= budget:
             return MemoryPlan(batch, length, checkpointing, peak)
     return None

@@ -155,7 +155,7 @@ class MemoryBudget:
         self.lora_parameters = sum(p.numel() for p in backend.trainable_parameters())
         frozen = sum(p.numel() for p in base.parameters()) - self.lora_parameters
         self.dims = ModelDims.from_config(base.config, frozen, backend.dtype.itemsize)
-        self.scores = uses_eager_attention(base.config)  # eager attention materialises batch x heads x len^2
+        self.scores = uses_eager_attention(backend.decode_attention)  # eager holds batch x heads x length^2
         self.device = backend.device.type
         self.budget = budget or available_memory(self.device)
         log(f"memory budget {format_size(self.budget)} ({'given' if budget else 'free on the device'}), "
@@ -172,7 +172,7 @@ class MemoryBudget:
                                for i, q in enumerate(task.train)))
         ttt = config.ttt
         plan = plan_training(plannable, resident, self.dims, ttt.batch_size, longest, self.lora_parameters,
-                             self.scores)
+                             self.backend.holds_attention_scores)
         if plan is None:
             ttt = replace(ttt, steps=0)
         else:

@@ -284,3 +284,34 @@ def test_compiled_training_matches_eager_without_recompiling(tiny_dir) -> None:
         torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
         for got, want in zip(grads, want_grads):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_long_passes_switch_to_sdpa_with_the_same_maths(backend: Backend, monkeypatch) -> None:
+    """On a CPU, passes from `sdpa_from` tokens run torch's flash kernel instead of eager attention: same loss and
+    gradients, and decoding switches back to its own kernel."""
+    backend.reset_lora(6)
+    train_steps(backend, 2, np.random.default_rng(14))  # a non-zero adapter
+    ids, labels, mask = right_padded(random_rows(np.random.default_rng(15), [20, 15]), [4, 4])
+    kernel = backend.model.get_base_model().config
+
+    def loss_and_grads(sdpa_from: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        monkeypatch.setattr(backend, "sdpa_from", sdpa_from)
+        backend.train()
+        loss = backend.loss(ids, labels, mask, GRID_VOCAB)
+        loss.backward()
+        grads = [p.grad.clone() for p in backend.trainable_parameters()]
+        for p in backend.trainable_parameters():
+            p.grad = None
+        return loss.detach(), grads
+
+    assert backend.attention_for(19) == "eager" and backend.holds_attention_scores(19)  # the CPU default: 512
+    eager = loss_and_grads(None)
+    assert kernel._attn_implementation == "eager"
+    flash = loss_and_grads(16)
+    assert kernel._attn_implementation == "sdpa"
+    assert backend.attention_for(16) == "sdpa" and not backend.holds_attention_scores(16)
+    torch.testing.assert_close(flash[0], eager[0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(flash[1], eager[1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    backend.generate(random_rows(np.random.default_rng(16), [18]), GRID_VOCAB, EOS, 2)
+    assert kernel._attn_implementation == backend.decode_attention == "eager"

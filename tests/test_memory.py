@@ -57,9 +57,8 @@ def test_dims_from_an_hf_config_and_from_its_dict():
         ModelDims.from_config({"num_hidden_layers": 2, "hidden_size": 8, "num_attention_heads": 2}, 1, 2)
 
 
-def test_eager_attention_is_read_from_the_config():
-    assert uses_eager_attention(SimpleNamespace(_attn_implementation="eager"))
-    assert not uses_eager_attention(SimpleNamespace(_attn_implementation="sdpa"))
+def test_only_eager_attention_holds_the_scores():
+    assert uses_eager_attention("eager") and not uses_eager_attention("sdpa")
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
