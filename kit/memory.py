@@ -225,13 +225,27 @@ def plan_training(budget: int, resident: int, dims: ModelDims, batch_size: int, 
     length without checkpointing (fastest); with checkpointing (recomputes each layer's forward, same training); halved
     batches down to 1 (fewer examples per step); halved lengths down to `min_length` (drops demonstrations).
     None when not even one sequence of `min_length` tokens fits. `attention_scores` may depend on the length
-    (a backend that picks its attention kernel by length)."""
+    (a backend that picks its attention kernel by length: eager for short passes): a plan then fits the
+    worst batch up to its length, which may be a shorter one that holds the scores."""
     holds_scores = attention_scores if callable(attention_scores) else lambda _: attention_scores
     for batch, length, checkpointing in _candidates(batch_size, max_length, min_length):
-        peak = resident + training_bytes(dims, batch, length, checkpointing, lora_parameters, holds_scores(length))
+        peak = resident + max(training_bytes(dims, batch, n, checkpointing, lora_parameters, holds_scores(n))
+                              for n in _worst_lengths(length, holds_scores))
         if peak <= budget:
             return MemoryPlan(batch, length, checkpointing, peak)
     return None
+
+
+def _worst_lengths(length: int, holds_scores: Callable[[int], bool]) -> list[int]:
+    """`length`, and when it runs without the scores the longest length that holds them (found by bisection:
+    short passes hold them, long ones do not)."""
+    if holds_scores(length) or not holds_scores(1):
+        return [length]
+    low, high = 1, length  # holds_scores(low) and not holds_scores(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if holds_scores(middle) else (low, middle)
+    return [length, low]
 
 
 def _candidates(batch_size: int, max_length: int, min_length: int) -> Iterator[tuple[int, int, bool]]:
