@@ -19,8 +19,8 @@ from __future__ import annotations
 import importlib
 import math
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,33 @@ class Backend:
                 b.zero_()
         for p in self._lora:
             p.grad = None
+
+    @contextmanager
+    def merged_adapter(self) -> Iterator[None]:
+        """Inference through merged weights W + s*B*A instead of W plus the LoRA branch: one matmul per
+        projection instead of three, a third of the kernels per decoding step. The merged weights are new
+        tensors swapped in (an untrained adapter, B = 0, swaps nothing); the base's own tensors are put back
+        on exit, untouched (merging in place and subtracting afterwards would drift in bf16)."""
+        swapped = []
+        try:
+            with torch.no_grad():
+                for layer in self._lora_layers:
+                    names = [n for n in layer.active_adapters if bool(layer.lora_B[n].weight.any())]
+                    if names:
+                        base = layer.get_base_layer()
+                        delta = sum(layer.get_delta_weight(n).float() for n in names)
+                        swapped.append((base, base.weight))
+                        base.weight = torch.nn.Parameter((base.weight.float() + delta).to(base.weight.dtype),
+                                                         requires_grad=False)
+            with self.model.disable_adapter():
+                yield
+        finally:
+            for base, weight in swapped:
+                base.weight = weight
+
+    def merged_weight_bytes(self) -> int:
+        """What `merged_adapter` adds at most: a copy of every adapted weight (for the memory plan)."""
+        return sum(layer.get_base_layer().weight.nbytes for layer in self._lora_layers)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._lora)

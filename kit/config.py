@@ -44,6 +44,7 @@ class InferSettings:
     max_batch_tokens: int = 4096  # and padded tokens per forward pass (memory, and time past a deadline)
     keep_background: bool = True
     rank_by: str = "score"  # how vote.py ranks candidates: "score" (product of experts) or "votes"
+    merge_adapter: bool = True  # decode and score on merged weights (the memory plan turns it off when tight)
 
 
 @dataclass

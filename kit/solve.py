@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,17 +32,18 @@ def solve_task(backend: Backend, fmt: GridFormat, task: Task, config: RunConfig,
     rng = task_rng(config.seed, task.id, "infer")
     attempts, candidates, errors = [], [], []
     vote_seconds = 0.0
-    for i, test_input in enumerate(task.test_inputs):
-        try:
-            predicted = predict(backend, fmt, task, test_input, config.infer, rng, deadline)
-            voting = time.monotonic()
-            ranked = rank(predicted, config.infer.rank_by)
-        except Exception as e:  # noqa: BLE001 - this test input falls back; the task's other answers stand
-            ranked, voting = [], time.monotonic()
-            errors.append(f"test[{i}]: {e!r}")
-        attempts.append(two_attempts(ranked, fallback=test_input))
-        vote_seconds += time.monotonic() - voting
-        candidates.append([c.to_record() for c in ranked])
+    with backend.merged_adapter() if config.infer.merge_adapter else nullcontext():
+        for i, test_input in enumerate(task.test_inputs):
+            try:
+                predicted = predict(backend, fmt, task, test_input, config.infer, rng, deadline)
+                voting = time.monotonic()
+                ranked = rank(predicted, config.infer.rank_by)
+            except Exception as e:  # noqa: BLE001 - this test input falls back; the task's other answers stand
+                ranked, voting = [], time.monotonic()
+                errors.append(f"test[{i}]: {e!r}")
+            attempts.append(two_attempts(ranked, fallback=test_input))
+            vote_seconds += time.monotonic() - voting
+            candidates.append([c.to_record() for c in ranked])
     details = {"errors": errors} if errors else {}
     details |= {"ttt_steps": ttt.steps, "ttt_stopped": ttt.stopped, "ttt_tokens": ttt.tokens,
                "losses": [round(x, 4) for x in ttt.losses], "ttt_seconds": round(ttt.seconds, 3),

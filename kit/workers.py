@@ -155,6 +155,7 @@ class MemoryBudget:
         self.lora_parameters = sum(p.numel() for p in backend.trainable_parameters())
         frozen = sum(p.numel() for p in base.parameters()) - self.lora_parameters
         self.dims = ModelDims.from_config(base.config, frozen, backend.dtype.itemsize)
+        self.merged_bytes = backend.merged_weight_bytes()
         self.scores = uses_eager_attention(backend.decode_attention)  # eager holds batch x heads x length^2
         self.device = backend.device.type
         self.budget = budget or available_memory(self.device)
@@ -184,11 +185,15 @@ class MemoryBudget:
         batch = decoding_batch(plannable, resident, self.dims, config.infer.batch_size, decode_length, self.scores)
         if batch == 0:
             raise MemoryError(f"decoding {decode_length} tokens does not fit {format_size(self.budget)}")
-        decoding = resident + decoding_bytes(self.dims, batch, decode_length, self.scores)
+        # Merged weights for inference (Backend.merged_adapter) only where their copy costs no decoding rows.
+        merge = config.infer.merge_adapter and batch == decoding_batch(
+            plannable, resident + self.merged_bytes, self.dims, batch, decode_length, self.scores)
+        decoding = resident + self.merged_bytes * merge + decoding_bytes(self.dims, batch, decode_length, self.scores)
         record = {"budget": self.budget, "resident": resident, "train_batch": ttt.batch_size,
                   "train_length": ttt.max_length or longest, "checkpointing": bool(plan and plan.checkpointing),
-                  "decode_batch": batch, "estimated_peak": max(decoding, plan.estimated_bytes if plan else 0)}
-        return replace(config, ttt=ttt, infer=replace(config.infer, batch_size=batch)), record
+                  "decode_batch": batch, "merged": merge,
+                  "estimated_peak": max(decoding, plan.estimated_bytes if plan else 0)}
+        return replace(config, ttt=ttt, infer=replace(config.infer, batch_size=batch, merge_adapter=merge)), record
 
 
 class InlinePool:

@@ -315,3 +315,29 @@ def test_long_passes_switch_to_sdpa_with_the_same_maths(backend: Backend, monkey
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     backend.generate(random_rows(np.random.default_rng(16), [18]), GRID_VOCAB, EOS, 2)
     assert kernel._attn_implementation == backend.decode_attention == "eager"
+
+
+def test_merged_adapter_infers_the_same_and_gives_the_base_back_untouched(backend: Backend) -> None:
+    """Inference on merged weights: the same scores and tokens as base + LoRA branch; afterwards the very same
+    base tensors, unchanged, and the branch live again. An untrained adapter swaps nothing."""
+    weights = {n: p for n, p in backend.model.named_parameters() if "lora_" not in n}
+    values = {n: p.detach().clone() for n, p in weights.items()}
+    rng = np.random.default_rng(17)
+    prompts, answers = random_rows(rng, [9, 14]), random_rows(rng, [5, 3])
+
+    backend.reset_lora(1)
+    with backend.merged_adapter():
+        assert all(p is weights[n] for n, p in backend.model.named_parameters() if "lora_" not in n)
+
+    train_steps(backend, 3, np.random.default_rng(18))
+    scores, tokens = backend.score(prompts, answers, GRID_VOCAB), backend.generate(prompts, GRID_VOCAB, EOS, 6)
+    with backend.merged_adapter():
+        swapped = [n for n, p in backend.model.named_parameters() if "lora_" not in n and p is not weights[n]]
+        assert swapped and all("proj" in n for n in swapped)
+        np.testing.assert_allclose(backend.score(prompts, answers, GRID_VOCAB), scores, rtol=1e-5, atol=1e-5)
+        for got, want in zip(backend.generate(prompts, GRID_VOCAB, EOS, 6), tokens):
+            np.testing.assert_array_equal(got, want)
+    for n, p in backend.model.named_parameters():
+        if "lora_" not in n:
+            assert p is weights[n] and torch.equal(p, values[n])
+    np.testing.assert_array_equal(backend.score(prompts, answers, GRID_VOCAB), scores)

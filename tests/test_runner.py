@@ -140,3 +140,4 @@ def test_a_small_memory_budget_keeps_every_task_under_it(tmp_path):
         assert record["memory"]["peak"] <= record["memory"]["budget"] == 2 * 2**30
     big = records["d5c634a2"]["memory"]
     assert big["train_batch"] * big["train_length"] < 4 * 710
+    assert big["merged"] is False  # no room for a merged copy of the weights: inference through the LoRA branch
