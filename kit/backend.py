@@ -192,10 +192,6 @@ class Backend:
             return self.decode_attention
         return "sdpa" if length >= self.sdpa_from else "eager"
 
-    def holds_attention_scores(self, length: int) -> bool:
-        """Whether a training pass of `length` tokens materialises the length^2 scores (for the memory plan)."""
-        return self.attention_for(length) == "eager"
-
     def train(self) -> None:
         self.model.train()
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,33 +219,23 @@ class MemoryPlan:
 
 
 def plan_training(budget: int, resident: int, dims: ModelDims, batch_size: int, max_length: int,
-                  lora_parameters: int, attention_scores: bool | Callable[[int], bool] = True,
+                  lora_parameters: int, attention_scores: bool = True, flash_from: int | None = None,
                   min_length: int = MIN_LENGTH) -> MemoryPlan | None:
     """The first plan whose estimated peak fits the budget, in order of preference: the configured batch and
     length without checkpointing (fastest); with checkpointing (recomputes each layer's forward, same training); halved
     batches down to 1 (fewer examples per step); halved lengths down to `min_length` (drops demonstrations).
-    None when not even one sequence of `min_length` tokens fits. `attention_scores` may depend on the length
-    (a backend that picks its attention kernel by length: eager for short passes): a plan then fits the
-    worst batch up to its length, which may be a shorter one that holds the scores."""
-    holds_scores = attention_scores if callable(attention_scores) else lambda _: attention_scores
+    None when not even one sequence of `min_length` tokens fits. `flash_from`: passes from that many tokens on
+    hold no scores (a backend that switches kernel by length); a plan then fits the worst batch up to its
+    length, which may be one just below `flash_from` that holds them."""
     for batch, length, checkpointing in _candidates(batch_size, max_length, min_length):
-        peak = resident + max(training_bytes(dims, batch, n, checkpointing, lora_parameters, holds_scores(n))
-                              for n in _worst_lengths(length, holds_scores))
+        shapes = [(length, attention_scores)]
+        if attention_scores and flash_from is not None and length >= flash_from:
+            shapes = [(length, False), (flash_from - 1, True)]
+        peak = resident + max(training_bytes(dims, batch, n, checkpointing, lora_parameters, scores)
+                              for n, scores in shapes)
         if peak <= budget:
             return MemoryPlan(batch, length, checkpointing, peak)
     return None
-
-
-def _worst_lengths(length: int, holds_scores: Callable[[int], bool]) -> list[int]:
-    """`length`, and when it runs without the scores the longest length that holds them (found by bisection:
-    short passes hold them, long ones do not)."""
-    if holds_scores(length) or not holds_scores(1):
-        return [length]
-    low, high = 1, length  # holds_scores(low) and not holds_scores(high)
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if holds_scores(middle) else (low, middle)
-    return [length, low]
 
 
 def _candidates(batch_size: int, max_length: int, min_length: int) -> Iterator[tuple[int, int, bool]]:

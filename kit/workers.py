@@ -156,7 +156,9 @@ class MemoryBudget:
         frozen = sum(p.numel() for p in base.parameters()) - self.lora_parameters
         self.dims = ModelDims.from_config(base.config, frozen, backend.dtype.itemsize)
         self.merged_bytes = backend.merged_weight_bytes()
-        self.scores = uses_eager_attention(backend.decode_attention)  # eager holds batch x heads x length^2
+        # Eager attention holds batch x heads x length^2 scores: decoding always (its kernel), training below
+        # the backend's `sdpa_from` when it has one.
+        self.scores = uses_eager_attention(backend.decode_attention)
         self.device = backend.device.type
         self.budget = budget or available_memory(self.device)
         log(f"memory budget {format_size(self.budget)} ({'given' if budget else 'free on the device'}), "
@@ -173,7 +175,7 @@ class MemoryBudget:
                                for i, q in enumerate(task.train)))
         ttt = config.ttt
         plan = plan_training(plannable, resident, self.dims, ttt.batch_size, longest, self.lora_parameters,
-                             self.backend.holds_attention_scores)
+                             self.scores, self.backend.sdpa_from)
         if plan is None:
             ttt = replace(ttt, steps=0)
         else:

@@ -304,12 +304,12 @@ def test_long_passes_switch_to_sdpa_with_the_same_maths(backend: Backend, monkey
             p.grad = None
         return loss.detach(), grads
 
-    assert backend.attention_for(19) == "eager" and backend.holds_attention_scores(19)  # the CPU default: 512
+    assert backend.attention_for(19) == "eager" and backend.sdpa_from == 512  # the CPU default
     eager = loss_and_grads(None)
     assert kernel._attn_implementation == "eager"
     flash = loss_and_grads(16)
     assert kernel._attn_implementation == "sdpa"
-    assert backend.attention_for(16) == "sdpa" and not backend.holds_attention_scores(16)
+    assert backend.attention_for(16) == "sdpa" and backend.attention_for(15) == "eager"
     torch.testing.assert_close(flash[0], eager[0], rtol=1e-5, atol=1e-6)
     for got, want in zip(flash[1], eager[1]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -246,11 +246,10 @@ def measure_a_planned_training_step():
 def test_a_plan_fits_the_worst_batch_when_short_passes_hold_the_scores():
     """With eager attention below 512 tokens and flash from there, a 2048-token plan must also fit a 511-token
     batch that holds the scores, whichever is larger."""
-    eager_below_512 = lambda length: length < 512  # noqa: E731
     for length in (600, 2048):
         worst = max(training_bytes(SMOLLM2, 4, length, False, LORA, attention_scores=False),
                     training_bytes(SMOLLM2, 4, 511, False, LORA, attention_scores=True))
-        plan = plan_training(10**12, 0, SMOLLM2, 4, length, LORA, eager_below_512)
+        plan = plan_training(10**12, 0, SMOLLM2, 4, length, LORA, flash_from=512)
         assert plan.estimated_bytes == worst
-    assert plan_training(10**12, 0, SMOLLM2, 4, 300, LORA, eager_below_512).estimated_bytes == \
+    assert plan_training(10**12, 0, SMOLLM2, 4, 300, LORA, flash_from=512).estimated_bytes == \
         training_bytes(SMOLLM2, 4, 300, False, LORA, attention_scores=True)
