@@ -4,7 +4,8 @@ Two implementations share all the maths: `UnslothBackend` (FastLanguageModel; on
 itself falls back to stock transformers + PEFT) and `PeftBackend` (transformers + PEFT). They differ only in
 how the model is loaded and how train/eval modes are switched.
 
-Speed rules used throughout: the decoder runs once per batch, and the LM head is applied only where a
+Speed rules used throughout: the decoder runs once per batch, a prompt once however many answers are scored
+after it (`prefill`, then `score` on its cached keys and values), and the LM head is applied only where a
 log-probability is needed (labelled positions, the last position while decoding), restricted to the
 allowed vocabulary when one is given. The head itself runs in fp32 so that losses and scores do not carry
 bf16 rounding of the logits. Under bf16 autocast, PEFT's cast of each LoRA input to fp32 is switched off
@@ -21,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,16 @@ from kit.weights import offline_environment
 __all__ = ["Backend", "LoraSettings", "PeftBackend", "UnslothBackend", "load_backend", "offline_environment"]
 
 Ids = Sequence[int] | torch.Tensor  # token ids: a list, or a 1-D LongTensor
+
+
+@dataclass
+class Prefix:
+    """Prompts run once (`Backend.prefill`), one row each, right-padded: each layer's keys and values, the last
+    real position's hidden state (it predicts an answer's first token), the lengths and the padding mask."""
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]
+    last_hidden: torch.Tensor
+    lengths: torch.Tensor
+    mask: torch.Tensor
 
 
 # On a CPU, eager attention is the faster kernel for short passes and torch's flash kernel (sdpa, causal, no mask)
@@ -214,51 +226,86 @@ class Backend:
         return -log_probs.mean()
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[np.ndarray], answers: Sequence[np.ndarray],
-              vocab: Ids | None = None) -> np.ndarray:
-        """Summed log-probability of each answer after its prompt (float64), in one right-padded batch.
-        Switches to eval mode."""
-        if len(prompts) != len(answers):
-            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    def prefill(self, prompts: Sequence[np.ndarray]) -> Prefix:
+        """Run prompts once, in one right-padded pass, and keep their keys and values, so that `score` can score
+        any number of answers after any of them without recomputing it (the product of experts scores every
+        candidate under every view's prompt). Switches to eval mode."""
         self.eval()
-        sequences = [np.concatenate([p, a]) for p, a in zip(prompts, answers)]
-        targets = [np.concatenate([np.full(len(p), IGNORE), a]) for p, a in zip(prompts, answers)]
-        input_ids, attention_mask = self._pad(sequences, left=False, fill=self._pad_id)
-        labels, _ = self._pad(targets, left=False, fill=IGNORE)
-        log_probs, rows = self._label_log_probs(input_ids, labels, attention_mask, vocab)
-        totals = torch.zeros(len(sequences), dtype=torch.float64, device=self.device)
-        return totals.index_add_(0, rows, log_probs.double()).cpu().numpy()
+        ids, mask = self._pad(prompts, left=False, fill=self._pad_id)
+        self._check_length(ids.shape[1])
+        self._set_attention(self.attention_for(ids.shape[1]))
+        with self._autocast(), self._compiled_if(False):  # right padding: causality keeps pads out of real rows
+            out = self._decoder(input_ids=ids, use_cache=True)
+        lengths = mask.sum(1)
+        last_hidden = out.last_hidden_state[torch.arange(len(prompts), device=self.device), lengths - 1]
+        return Prefix(layer_keys_values(out.past_key_values), last_hidden, lengths, mask)
+
+    @torch.no_grad()
+    def score(self, prefix: Prefix, prompt_rows: Sequence[int], answers: Sequence[np.ndarray],
+              vocab: Ids | None = None) -> np.ndarray:
+        """Summed log-probability of each answer after the prefix's prompt in `prompt_rows` (float64): one
+        right-padded pass over the answers alone, attending to their prompts' cached keys and values (a mask hides
+        the prompts' padding). Switches to eval mode."""
+        from transformers import DynamicCache
+
+        if len(prompt_rows) != len(answers):
+            raise ValueError(f"{len(prompt_rows)} prompt rows but {len(answers)} answers")
+        self.eval()
+        answer_ids, answer_mask = self._pad(answers, left=False, fill=self._pad_id)
+        rows = torch.as_tensor(prompt_rows, dtype=torch.long, device=self.device)
+        lengths = prefix.lengths[rows]
+        self._check_length(int(lengths.max()) + answer_ids.shape[1])
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(prefix.keys_values):
+            cache.update(keys[rows], values[rows], index)
+        positions = lengths[:, None] + torch.arange(answer_ids.shape[1], device=self.device)
+        self._set_attention(self.decode_attention)
+        with self._autocast(), self._compiled_if(False):
+            hidden = self._decoder(input_ids=answer_ids, attention_mask=torch.cat([prefix.mask[rows], answer_mask], 1),
+                                   position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+        # answer token j is predicted by the hidden state before it: for j = 0, its prompt's last
+        before = torch.cat([prefix.last_hidden[rows, None].to(hidden.dtype), hidden[:, :-1]], 1)
+        keep = answer_mask.bool()
+        log_probs = self._log_probs(before[keep], answer_ids[keep], vocab)
+        totals = torch.zeros(len(answers), dtype=torch.float64, device=self.device)
+        return totals.index_add_(0, keep.nonzero()[:, 0], log_probs.double()).cpu().numpy()
 
     def _label_log_probs(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                          vocab: Ids | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probability of every labelled token and the row it belongs to (shared by loss and score)."""
+        """Log-probability of every labelled token and the row it belongs to."""
         input_ids, labels, attention_mask = (t.to(self.device) for t in (input_ids, labels, attention_mask))
         self._check_length(input_ids.shape[1])
         if not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
-            raise ValueError("loss/score need right-padded batches (attention_mask must be 1s then 0s per row)")
+            raise ValueError("the loss needs right-padded batches (attention_mask must be 1s then 0s per row)")
         targets = labels.masked_fill(attention_mask == 0, IGNORE)[:, 1:]  # token t predicts label t+1
         keep = targets != IGNORE
         self._set_attention(self.attention_for(input_ids.shape[1]))
         with self._autocast(), self._compiled_if(torch.is_grad_enabled() and input_ids.shape[0] > 1):
             hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-        selected, wanted = hidden[:, :-1][keep], targets[keep]
+        return self._log_probs(hidden[:, :-1][keep], targets[keep], vocab), keep.nonzero()[:, 0]
+
+    def _log_probs(self, hidden: torch.Tensor, wanted: torch.Tensor, vocab: Ids | None) -> torch.Tensor:
+        """log p(wanted token | the hidden state before it), over `vocab` only when given (shared by loss and
+        score)."""
         if vocab is None:
-            logits = self._logits(selected, self._head)
+            logits = self._logits(hidden, self._head)
         else:
             allowed = self._ids(vocab)
-            logits, wanted = self._logits(selected, self._head[allowed]), index_in(wanted, allowed)
-        return -F.cross_entropy(logits, wanted, reduction="none"), keep.nonzero()[:, 0]
+            logits, wanted = self._logits(hidden, self._head[allowed]), index_in(wanted, allowed)
+        return -F.cross_entropy(logits, wanted, reduction="none")
 
     # --- decoding ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[np.ndarray], vocab: Ids, eos_id: int,
-                 max_new_tokens: int, deadline: float | None = None) -> list[np.ndarray]:
+    def generate(self, prompts: Sequence[np.ndarray], vocab: Ids, eos_id: int, max_new_tokens: int,
+                 deadline: float | None = None, give_up: Callable[[np.ndarray], np.ndarray] | None = None
+                 ) -> list[np.ndarray]:
         """Greedy continuation of each prompt over `vocab` only, batched with left padding and a KV cache.
 
         Each row ends at its first `eos_id` (kept in its output) or after `max_new_tokens`, also limited
-        so that no sequence exceeds `max_length`, or when `deadline` (time.monotonic()) passes: rows cut off
-        there have no EOS. Switches to eval mode.
+        so that no sequence exceeds `max_length`, or when `deadline` (time.monotonic()) passes, or where
+        `give_up` (called with each step's token of every row) flags it: rows cut off by the deadline or given
+        up on have no EOS. Switches to eval mode.
         """
         allowed = self._ids(vocab)
         if not bool((allowed == eos_id).any()):
@@ -269,6 +316,7 @@ class Backend:
         positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
         head = self._head[allowed]
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        given_up = np.zeros(len(prompts), np.int64)  # tokens kept of a row given up on, 0 for the others
         cache, steps = None, []
         self._set_attention(self.decode_attention)
         with self._autocast(), self._compiled_if(False):
@@ -280,12 +328,16 @@ class Backend:
                 chosen = chosen.masked_fill(finished, eos_id)
                 steps.append(chosen)
                 finished |= chosen == eos_id
+                if give_up is not None:
+                    hopeless = give_up(chosen.cpu().numpy()) & ~finished.cpu().numpy()
+                    given_up[hopeless] = len(steps)
+                    finished |= torch.from_numpy(hopeless).to(self.device)
                 if bool(finished.all()) or (deadline is not None and time.monotonic() >= deadline):
                     break
                 input_ids, positions = chosen[:, None], positions[:, -1:] + 1
                 attention_mask = F.pad(attention_mask, (0, 1), value=1)
         generated = torch.stack(steps, 1).cpu().numpy() if steps else np.zeros((len(prompts), 0), np.int64)
-        return [until_first(row, eos_id) for row in generated]
+        return [row[:kept] if kept else until_first(row, eos_id) for row, kept in zip(generated, given_up)]
 
     # --- helpers -----------------------------------------------------------------------------------------
 
@@ -402,6 +454,14 @@ def unsloth_importable(log: Callable[[str], None]) -> bool:
     except Exception as error:  # noqa: BLE001 -- unsloth raises plain errors on unsupported hosts
         log(f"unsloth unavailable ({type(error).__name__}: {error}); falling back to transformers+peft")
         return False
+
+
+def layer_keys_values(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (keys, values) from a transformers Cache, or from the tuples unsloth's fast forward returns."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return [(keys, values) for keys, values, *_ in cache]
 
 
 def index_in(ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

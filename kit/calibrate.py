@@ -57,10 +57,10 @@ def calibrate(config: RunConfig, task_set: TaskSet, log: Callable[[str], None]) 
 
     prompt = fmt.encode_prompt(task.train, task.test_inputs[0])
     answer = fmt.encode_answer(task.train[0].output)
-    backend.score([prompt], [answer], fmt.grid_vocabulary)  # warm-up
-    t0 = time.perf_counter()
-    backend.score([prompt] * 4, [answer] * 4, fmt.grid_vocabulary)
-    prefill_rate = 4 * (len(prompt) + len(answer)) / (time.perf_counter() - t0)
+    backend.score(backend.prefill([prompt]), [0], [answer], fmt.grid_vocabulary)  # warm-up
+    t0 = time.perf_counter()  # as infer.py scores: prompts once, then answers after them
+    backend.score(backend.prefill([prompt] * 2), [0, 0, 1, 1], [answer] * 4, fmt.grid_vocabulary)
+    prefill_rate = 2 * (len(prompt) + 2 * len(answer)) / (time.perf_counter() - t0)
 
     rows_list, per_decode_step = [], []
     for rows in DECODE_ROWS:

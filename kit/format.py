@@ -158,3 +158,32 @@ class GridFormat:
         if any(len(r) != len(rows[0]) for r in rows):
             raise FormatError(f"ragged rows: lengths {[len(r) for r in rows]}")
         return np.array(rows, dtype=np.uint8)
+
+
+class GridWatch:
+    """Follows decoded answers token by token and flags each as soon as it can no longer parse as a grid of at
+    most `max_side` rows and columns (an empty or ragged row, a row or a column too long, EOS inside a row): its
+    decoding can stop there instead of running on to the token budget, which a runaway view of a batch otherwise
+    makes every row pay for."""
+
+    def __init__(self, fmt: GridFormat, rows: int, max_side: int = MAX_SIDE):
+        self.fmt, self.max_side = fmt, max_side
+        self.width = np.zeros(rows, np.int64)  # of the first row, 0 until it ends
+        self.line = np.zeros(rows, np.int64)  # digits in the current row
+        self.lines = np.zeros(rows, np.int64)  # rows ended
+        self.doomed = np.zeros(rows, bool)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Take each answer's next token; True where that answer is doomed (from then on)."""
+        digit = np.isin(tokens, self.fmt.digit_ids)
+        row_end, eos = tokens == self.fmt.row_end_id, tokens == self.fmt.eos_id
+        self.line += digit
+        doomed = ~(digit | row_end | eos) | (self.line > np.where(self.width > 0, self.width, self.max_side))
+        doomed |= row_end & ((self.line == 0) | ((self.width > 0) & (self.line != self.width)))
+        doomed |= eos & (self.line > 0)
+        self.width = np.where(row_end & (self.width == 0), self.line, self.width)
+        self.lines += row_end
+        doomed |= self.lines > self.max_side
+        self.line[row_end] = 0
+        self.doomed |= doomed
+        return self.doomed.copy()

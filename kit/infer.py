@@ -10,7 +10,7 @@ import numpy as np
 
 from kit.augment import NUM_SYMMETRIES, Augmentation, random_augmentation
 from kit.config import InferSettings
-from kit.format import FormatError, GridFormat, answer_budget, fit_demos
+from kit.format import FormatError, GridFormat, GridWatch, answer_budget, fit_demos
 from kit.grids import MAX_SIDE, Grid
 from kit.tasks import Task
 from kit.vote import Candidate, tally
@@ -51,7 +51,8 @@ def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, set
             rng: np.random.Generator, deadline: float | None = None) -> list[Candidate]:
     """Candidates for one test input, each with its votes and its log-likelihood under every view. At
     `deadline` (a time.monotonic() instant) decoding and scoring stop where they are."""
-    answer_tokens = answer_budget(plausible_side(task, test_input))
+    side = plausible_side(task, test_input)
+    answer_tokens = answer_budget(side)
     views, prompts = [], []
     for view in inference_views(rng, settings.augs, len(task.train), settings.keep_background):
         prompt = view_prompt(fmt, task, test_input, view, answer_tokens, backend.max_length)
@@ -63,7 +64,7 @@ def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, set
         if n and past(deadline):
             break
         outputs = backend.generate([prompts[i] for i in chunk], fmt.grid_vocabulary, fmt.eos_id, answer_tokens,
-                                   deadline)
+                                   deadline, GridWatch(fmt, len(chunk), side).step)
         for i, ids in zip(chunk, outputs):
             try:
                 grids.append(views[i].invert_grid(fmt.parse_grid(ids)))
@@ -96,19 +97,25 @@ def past(deadline: float | None) -> bool:
 
 def score_under_views(backend: Backend, fmt: GridFormat, candidates: list[Candidate], views: list[Augmentation],
                       prompts: list[np.ndarray], settings: InferSettings, deadline: float | None = None) -> None:
-    """Fill each candidate's view_scores: log p(candidate seen through the view | the view's prompt). Pairs not
-    scored by `deadline` score -inf, like over-long ones: ranking then falls back on votes."""
-    pairs = [(c, prompt, fmt.encode_answer(view.grid(c.grid)))
-             for c in candidates for view, prompt in zip(views, prompts)]
-    # A candidate too long to be seen through a view scores -inf there (no evidence for it) instead of failing.
-    values = [float("-inf")] * len(pairs)
-    scorable = [i for i, (_, p, a) in enumerate(pairs) if len(p) + len(a) <= backend.max_length]
-    for chunk in batches([len(pairs[i][1]) + len(pairs[i][2]) for i in scorable], settings):
-        if past(deadline):
-            break
-        chunk = [scorable[j] for j in chunk]
-        scores = backend.score([pairs[i][1] for i in chunk], [pairs[i][2] for i in chunk], fmt.grid_vocabulary)
-        for i, value in zip(chunk, scores):
-            values[i] = float(value)
-    for (candidate, _, _), value in zip(pairs, values):
-        candidate.view_scores.append(value)
+    """Fill each candidate's view_scores: log p(candidate seen through the view | the view's prompt). The prompts
+    run once, batched (`Backend.prefill`), then all (candidate, view) answers in batches after them: views x
+    prompt + candidates x views x answer tokens instead of candidates x views x (prompt + answer), in a few
+    passes. Pairs not scored by `deadline` score -inf, like over-long ones: ranking then falls back on votes."""
+    scores = np.full((len(candidates), len(views)), float("-inf"))
+    answers = [[fmt.encode_answer(view.grid(c.grid)) for c in candidates] for view in views]
+    longest = max((len(a) for seen in answers for a in seen), default=0)
+    for group in batches([len(p) + longest for p in prompts], settings) if candidates else []:
+        # A candidate too long to be seen through a view scores -inf there (no evidence for it) instead of failing.
+        pairs = [(c, v) for v in group for c in range(len(candidates))
+                 if len(prompts[v]) + len(answers[v][c]) <= backend.max_length]
+        if not pairs or past(deadline):
+            continue
+        prefix = backend.prefill([prompts[v] for v in group])
+        for n, chunk in enumerate(batches([len(answers[v][c]) for c, v in pairs], settings)):
+            if n and past(deadline):
+                break
+            chosen = [pairs[i] for i in chunk]
+            rows, seen = zip(*[(group.index(v), answers[v][c]) for c, v in chosen])
+            scores[tuple(zip(*chosen))] = backend.score(prefix, rows, seen, fmt.grid_vocabulary)
+    for candidate, row in zip(candidates, scores):
+        candidate.view_scores.extend(row.tolist())

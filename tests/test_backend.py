@@ -106,27 +106,33 @@ def train_steps(backend: Backend, steps: int, rng: np.random.Generator) -> None:
     backend.eval()
 
 
+def pair_scores(backend: Backend, prompts: list[np.ndarray], answers: list[np.ndarray],
+                vocab: list[int] | None) -> np.ndarray:
+    """Each answer scored after its own prompt."""
+    return backend.score(backend.prefill(prompts), range(len(prompts)), answers, vocab)
+
+
 def test_reset_gives_a_fresh_adapter_and_training_leaves_the_base_alone(backend: Backend) -> None:
     rng = np.random.default_rng(1)
     prompts, answers = random_rows(rng, [12, 9]), random_rows(rng, [5, 7])
     base = {n: p.detach().clone() for n, p in backend.model.named_parameters() if "lora_" not in n}
     with backend.model.disable_adapter():
-        base_scores = backend.score(prompts, answers, None)
+        base_scores = pair_scores(backend, prompts, answers, None)
 
     backend.reset_lora(7)
     fresh = [p.detach().clone() for p in backend.trainable_parameters()]
-    fresh_scores = backend.score(prompts, answers, None)
+    fresh_scores = pair_scores(backend, prompts, answers, None)
     fresh_tokens = backend.generate(prompts, GRID_VOCAB, EOS, 6)
     np.testing.assert_allclose(fresh_scores, base_scores, rtol=1e-6)  # B = 0: the adapter is a no-op
 
     train_steps(backend, 5, rng)
-    assert not np.allclose(backend.score(prompts, answers, None), fresh_scores)
+    assert not np.allclose(pair_scores(backend, prompts, answers, None), fresh_scores)
     assert all(torch.equal(p, base[n]) for n, p in backend.model.named_parameters() if "lora_" not in n)
 
     backend.reset_lora(7)
     assert all(torch.equal(p, q) for p, q in zip(backend.trainable_parameters(), fresh))
     assert all(p.grad is None for p in backend.trainable_parameters())
-    np.testing.assert_array_equal(backend.score(prompts, answers, None), fresh_scores)
+    np.testing.assert_array_equal(pair_scores(backend, prompts, answers, None), fresh_scores)
     for got, want in zip(backend.generate(prompts, GRID_VOCAB, EOS, 6), fresh_tokens):
         np.testing.assert_array_equal(got, want)
 
@@ -204,7 +210,7 @@ def test_generate_stays_in_vocab_respects_limits_and_batches_exactly(backend: Ba
         np.testing.assert_array_equal(backend.generate([prompt], vocab, EOS, 10)[0], got)
 
 
-def test_generate_stops_each_row_at_its_first_eos(backend: Backend) -> None:
+def test_generate_stops_each_row_at_its_first_eos_or_where_given_up_on(backend: Backend) -> None:
     backend.reset_lora(0)
     prompts = random_rows(np.random.default_rng(8), [6, 11])
     free = backend.generate(prompts, GRID_VOCAB, EOS, 12)
@@ -214,24 +220,44 @@ def test_generate_stops_each_row_at_its_first_eos(backend: Backend) -> None:
         cut = np.flatnonzero(row == stop)
         np.testing.assert_array_equal(got, row[: cut[0] + 1] if len(cut) else row)
     assert len(backend.generate(prompts, [EOS], EOS, 12)[0]) == 1
+
+    seen = []
+
+    def give_up_on_row_0_at_step_3(tokens: np.ndarray) -> np.ndarray:
+        seen.append(tokens.copy())
+        return np.array([len(seen) >= 3, False])
+
+    cut = backend.generate(prompts, GRID_VOCAB, EOS, 12, give_up=give_up_on_row_0_at_step_3)
+    assert EOS not in free[0][:3]
+    np.testing.assert_array_equal(cut[0], free[0][:3])  # ends where given up on, without EOS
+    np.testing.assert_array_equal(cut[1], free[1])
+    np.testing.assert_array_equal(np.stack(seen)[:, 1], cut[1][:len(seen)])
     with pytest.raises(ValueError, match="not in the decoding vocabulary"):
         backend.generate(prompts, DIGITS, EOS, 4)
 
 
 @pytest.mark.parametrize("vocab", [None, GRID_VOCAB])
 def test_score_is_the_summed_log_prob_of_a_plain_forward(backend: Backend, vocab: list[int] | None) -> None:
+    """Prompts of different lengths prefilled in one right-padded pass, then answers of different lengths after
+    any of them in another: each answer gets the log-prob a plain forward of its prompt + answer gives it, and the
+    prefix serves any number of passes."""
     backend.reset_lora(2)
     train_steps(backend, 2, np.random.default_rng(9))
     rng = np.random.default_rng(10)
-    prompts, answers = random_rows(rng, [7, 12, 3]), random_rows(rng, [4, 1, 9])
-    got = backend.score(prompts, answers, vocab)
-    assert got.dtype == np.float64 and got.shape == (3,)
-    for prompt, answer, value in zip(prompts, answers, got):
-        ids = torch.from_numpy(np.concatenate([prompt, answer]))[None]
-        log_probs = reference_log_probs(backend, ids, torch.ones_like(ids), vocab)[0, len(prompt) - 1:]
+    prompts, answers = random_rows(rng, [7, 12]), random_rows(rng, [4, 1, 9, 6])
+    rows = [0, 1, 1, 0]
+    prefix = backend.prefill(prompts)
+    got = backend.score(prefix, rows, answers, vocab)
+    assert got.dtype == np.float64 and got.shape == (4,)
+    for row, answer, value in zip(rows, answers, got):
+        ids = torch.from_numpy(np.concatenate([prompts[row], answer]))[None]
+        log_probs = reference_log_probs(backend, ids, torch.ones_like(ids), vocab)[0, len(prompts[row]) - 1:]
         targets = torch.tensor(answer if vocab is None else [vocab.index(t) for t in answer])
         expected = log_probs.gather(1, targets[:, None]).sum().item()
         assert value == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    np.testing.assert_allclose(backend.score(prefix, rows[::-1], answers[::-1], vocab), got[::-1], rtol=1e-5)
+    with pytest.raises(ValueError, match="exceeds max_length"):
+        backend.score(prefix, [1], [np.zeros(backend.max_length - 11, np.int64)], vocab)
 
 
 def test_real_default_model_generates_and_scores() -> None:
@@ -246,7 +272,7 @@ def test_real_default_model_generates_and_scores() -> None:
     [out] = backend.generate([prompt], vocab, eos, 8)
     assert 1 <= len(out) <= 8 and set(out.tolist()) <= set(vocab)
     answer = np.array(tokenizer.encode("65\n87\n", add_special_tokens=False) + [eos], dtype=np.int64)
-    scores = backend.score([prompt, prompt], [answer, out], vocab)
+    scores = backend.score(backend.prefill([prompt]), [0, 0], [answer, out], vocab)
     assert np.isfinite(scores).all() and (scores < 0).all()
 
 
@@ -272,12 +298,12 @@ def test_compiled_training_matches_eager_without_recompiling(tiny_dir) -> None:
         backend.eval()
         return out
 
-    eager, eager_scores = losses_and_grads(), backend.score(prompts, prompts, GRID_VOCAB)
+    eager, eager_scores = losses_and_grads(), pair_scores(backend, prompts, prompts, GRID_VOCAB)
     eager_tokens = backend.generate(prompts, GRID_VOCAB, EOS, 6)
     assert backend.compile_training() > 0 and backend.compiled
     with torch.compiler.set_stance("fail_on_recompile"):
         compiled = losses_and_grads()
-        np.testing.assert_allclose(backend.score(prompts, prompts, GRID_VOCAB), eager_scores, rtol=1e-6)
+        np.testing.assert_allclose(pair_scores(backend, prompts, prompts, GRID_VOCAB), eager_scores, rtol=1e-6)
         for got, want in zip(backend.generate(prompts, GRID_VOCAB, EOS, 6), eager_tokens):
             np.testing.assert_array_equal(got, want)
     for (loss, grads), (want_loss, want_grads) in zip(compiled, eager):
@@ -287,8 +313,8 @@ def test_compiled_training_matches_eager_without_recompiling(tiny_dir) -> None:
 
 
 def test_long_passes_switch_to_sdpa_with_the_same_maths(backend: Backend, monkeypatch) -> None:
-    """On a CPU, passes from `sdpa_from` tokens run torch's flash kernel instead of eager attention: same loss and
-    gradients, and decoding switches back to its own kernel."""
+    """On a CPU, passes from `sdpa_from` tokens run torch's flash kernel instead of eager attention: same loss,
+    gradients and scores, and decoding switches back to its own kernel."""
     backend.reset_lora(6)
     train_steps(backend, 2, np.random.default_rng(14))  # a non-zero adapter
     ids, labels, mask = right_padded(random_rows(np.random.default_rng(15), [20, 15]), [4, 4])
@@ -313,7 +339,12 @@ def test_long_passes_switch_to_sdpa_with_the_same_maths(backend: Backend, monkey
     torch.testing.assert_close(flash[0], eager[0], rtol=1e-5, atol=1e-6)
     for got, want in zip(flash[1], eager[1]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    backend.generate(random_rows(np.random.default_rng(16), [18]), GRID_VOCAB, EOS, 2)
+    prompts, answers = random_rows(np.random.default_rng(16), [18, 13]), random_rows(np.random.default_rng(19), [3, 5])
+    monkeypatch.setattr(backend, "sdpa_from", None)
+    eager_scores = pair_scores(backend, prompts, answers, GRID_VOCAB)
+    monkeypatch.setattr(backend, "sdpa_from", 16)  # the prompts' prefill runs sdpa, the answers' pass eager
+    np.testing.assert_allclose(pair_scores(backend, prompts, answers, GRID_VOCAB), eager_scores, rtol=1e-5)
+    backend.generate(prompts, GRID_VOCAB, EOS, 2)
     assert kernel._attn_implementation == backend.decode_attention == "eager"
 
 
@@ -330,14 +361,14 @@ def test_merged_adapter_infers_the_same_and_gives_the_base_back_untouched(backen
         assert all(p is weights[n] for n, p in backend.model.named_parameters() if "lora_" not in n)
 
     train_steps(backend, 3, np.random.default_rng(18))
-    scores, tokens = backend.score(prompts, answers, GRID_VOCAB), backend.generate(prompts, GRID_VOCAB, EOS, 6)
+    scores, tokens = pair_scores(backend, prompts, answers, GRID_VOCAB), backend.generate(prompts, GRID_VOCAB, EOS, 6)
     with backend.merged_adapter():
         swapped = [n for n, p in backend.model.named_parameters() if "lora_" not in n and p is not weights[n]]
         assert swapped and all("proj" in n for n in swapped)
-        np.testing.assert_allclose(backend.score(prompts, answers, GRID_VOCAB), scores, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(pair_scores(backend, prompts, answers, GRID_VOCAB), scores, rtol=1e-5, atol=1e-5)
         for got, want in zip(backend.generate(prompts, GRID_VOCAB, EOS, 6), tokens):
             np.testing.assert_array_equal(got, want)
     for n, p in backend.model.named_parameters():
         if "lora_" not in n:
             assert p is weights[n] and torch.equal(p, values[n])
-    np.testing.assert_array_equal(backend.score(prompts, answers, GRID_VOCAB), scores)
+    np.testing.assert_array_equal(pair_scores(backend, prompts, answers, GRID_VOCAB), scores)

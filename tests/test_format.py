@@ -1,8 +1,10 @@
+import itertools
+
 import numpy as np
 import pytest
 
 from kit.augment import leave_one_out, task_rng
-from kit.format import IGNORE, FormatError, GridFormat, sequence_tokens
+from kit.format import IGNORE, FormatError, GridFormat, GridWatch, sequence_tokens
 from kit.tasks import Pair
 
 
@@ -79,3 +81,43 @@ class SplittingTokenizer:
 def test_a_tokenizer_with_multi_token_digits_is_refused():
     with pytest.raises(FormatError, match="'0' encodes to 2 tokens"):
         GridFormat.from_tokenizer(SplittingTokenizer(), "fake")
+
+
+def parses_within(fmt: GridFormat, ids: list[int], max_side: int) -> bool:
+    try:
+        return max(fmt.parse_grid(ids).shape) <= max_side
+    except FormatError:
+        return False
+
+
+def test_grid_watch_never_flags_an_answer_that_parses(fmt):
+    """Every sequence of 8 tokens over two digits, the row end and EOS, read by the watch in one batch: no
+    sequence that parses as a grid of sides <= 3 is flagged before its EOS (flagging one would lose a valid
+    answer), and every doomed kind is flagged somewhere."""
+    alphabet = [fmt.digit_ids[0], fmt.digit_ids[1], fmt.row_end_id, fmt.eos_id]
+    sequences = np.array(list(itertools.product(alphabet, repeat=8)))
+    watch = GridWatch(fmt, len(sequences), max_side=3)
+    flagged = np.stack([watch.step(column) for column in sequences.T], axis=1)
+    parsed = np.array([parses_within(fmt, list(row), 3) for row in sequences])
+    eos_at = np.argmax(sequences == fmt.eos_id, axis=1)
+    assert parsed.sum() > 100
+    assert not any(flagged[i, :eos_at[i] + 1].any() for i in np.flatnonzero(parsed))
+    once_flagged = np.maximum.accumulate(flagged, axis=1)
+    assert (flagged == once_flagged).all()  # doomed stays doomed
+
+
+@pytest.mark.parametrize("body, flagged_at", [
+    ([1, 2, "\n", 3, "\n"], 4),  # ragged: the second row ends short
+    ([1, 2, "\n", 3, 4, 5], 5),  # a row longer than the first
+    ([1, "\n", "\n"], 2),  # empty row
+    ([1, 2, "EOS"], 2),  # EOS inside a row
+    ([1, "\n"] * 4, 7),  # a fourth row
+    ([1, 2, 3, 4], 3),  # a first row longer than the side
+    ([1, 2, 3, "\n", 4, 5, 6, "\n", "EOS"], None),
+])
+def test_grid_watch_flags_a_doomed_answer_at_the_token_that_dooms_it(fmt, body, flagged_at):
+    symbol = {"\n": fmt.row_end_id, "EOS": fmt.eos_id}
+    ids = [symbol[t] if isinstance(t, str) else fmt.digit_ids[t] for t in body]
+    watch = GridWatch(fmt, 1, max_side=3)
+    flags = [bool(watch.step(np.array([t]))[0]) for t in ids]
+    assert flags.index(True) == flagged_at if flagged_at is not None else not any(flags)

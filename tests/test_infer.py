@@ -17,9 +17,10 @@ class CopyingModel:
     answer of every third prompt. Scores an answer by its length, so every view gives a score."""
 
     def __init__(self, max_length: int = 10_000):
-        self.decoded, self.scored, self.max_length = 0, [], max_length
+        self.decoded, self.prefilled, self.scored, self.max_length = 0, [], [], max_length
 
-    def generate(self, prompts, vocab, eos_id, max_new_tokens, deadline=None):
+    def generate(self, prompts, vocab, eos_id, max_new_tokens, deadline=None, give_up=None):
+        self.give_up = give_up
         answers = []
         for prompt in prompts:
             query = prompt[np.flatnonzero(prompt == FMT.input_id)[-1] + 1:-1]
@@ -29,8 +30,13 @@ class CopyingModel:
             self.decoded += 1
         return answers
 
-    def score(self, prompts, answers, vocab):
-        self.scored += [len(a) for a in answers]
+    def prefill(self, prompts):
+        self.prefilled.append(len(prompts))
+        return prompts
+
+    def score(self, prefix, prompt_rows, answers, vocab):
+        assert all(0 <= row < len(prefix) for row in prompt_rows)
+        self.scored.append((list(prompt_rows), [len(a) for a in answers]))
         return -np.array([len(a) for a in answers], dtype=float)
 
 
@@ -69,6 +75,17 @@ def test_a_candidate_too_long_for_a_view_gets_no_score_there_instead_of_failing(
     score_under_views(model, FMT, [candidate], [Augmentation(), Augmentation(symmetry=4)], prompts,
                       InferSettings(batch_size=4))
     assert candidate.view_scores == [-8.0, float("-inf")]
+
+
+def test_view_prompts_run_once_for_all_candidates_in_bounded_batches():
+    candidates = [Candidate(np.ones((1, k), np.uint8)) for k in (1, 2, 3)]  # answers of 3, 4 and 5 tokens
+    model = CopyingModel()
+    score_under_views(model, FMT, candidates, [Augmentation(), Augmentation(symmetry=2)], [np.arange(5)] * 2,
+                      InferSettings(batch_size=4, max_batch_tokens=20))
+    assert model.prefilled == [2]  # both prompts in one pass (2 x (5 + 5) tokens), not one per candidate
+    # then the 6 (candidate, view) answers, at most 4 rows and 20 padded answer tokens per pass
+    assert model.scored == [([0, 0, 0, 1], [3, 4, 5, 3]), ([1, 1], [4, 5])]
+    assert [c.view_scores for c in candidates] == [[-3.0] * 2, [-4.0] * 2, [-5.0] * 2]
 
 
 def test_batches_bound_sequences_and_padded_tokens():
