@@ -8,9 +8,11 @@ in tokens/s) against a naive loop (fp32, full vocabulary over every position via
 batches padded to the longest, HF's per-tensor AdamW). Both train the same LoRA on the same leave-one-out
 sequences; tokens/s counts real (non-pad) tokens. Target: >= 2.5x.
 
-Inference: grids decoded per second by the kit (all views of a test input in one batch, KV cache, grid
-vocabulary, LoRA merged into the weights) against HF `generate` one view at a time (fp32, full vocabulary).
-Target: >= 3x.
+Inference: grids decoded per second by the kit (all views of a test input prefilled in one right-padded pass,
+then decoded in one batch on the KV cache, grid vocabulary, LoRA merged into the weights, views given up on
+once they cannot parse as a grid) against HF `generate` one view at a time (fp32, full vocabulary).
+Target: >= 3x. Also the product-of-experts scoring of the decoded candidates under every view: the kit's
+(each prompt once, the answers after it) against one full forward per (candidate, view) pair.
 
     python bench/ttt_throughput.py [--tasks N] [--skip N] [--steps N] [--backend peft|unsloth] [--no-compile]
 
@@ -30,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kit.augment import task_rng  # noqa: E402
 from kit.backend import load_backend  # noqa: E402
-from kit.config import LoraSettings  # noqa: E402
-from kit.format import GridFormat, answer_budget, task_tokens  # noqa: E402
-from kit.infer import inference_views, plausible_side, view_prompt  # noqa: E402
+from kit.config import InferSettings, LoraSettings  # noqa: E402
+from kit.format import FormatError, GridFormat, GridWatch, answer_budget, task_tokens  # noqa: E402
+from kit.infer import inference_views, plausible_side, score_under_views, view_prompt  # noqa: E402
 from kit.tasks import load_bundled  # noqa: E402
 from kit.ttt import adamw, bucketed_batches, collate, train_step, training_sequences  # noqa: E402
+from kit.vote import tally  # noqa: E402
 from kit.weights import ensure_default_model  # noqa: E402
 
 BATCH, MAX_LENGTH, VIEWS = 4, 2048, 8
@@ -82,7 +85,7 @@ def main() -> None:
         naive_opt.zero_grad()
         return int(mask.sum())
 
-    kit_rates, naive_rates, kit_grids, naive_grids = [], [], [], []
+    kit_rates, naive_rates, kit_grids, naive_grids, kit_pairs, naive_pairs = [], [], [], [], [], []
     for task in tasks:
         rng = task_rng(0, task.id, "bench")
         sequences = training_sequences(fmt, task, (opts.steps + 1) * BATCH, MAX_LENGTH, rng)
@@ -93,12 +96,14 @@ def main() -> None:
         naive_rates.append(train_tokens_per_second(naive_step, shuffled))
 
         test_input = task.test_inputs[0]
-        budget = answer_budget(plausible_side(task, test_input))
+        side = plausible_side(task, test_input)
+        budget = answer_budget(side)
         views = inference_views(rng, VIEWS, len(task.train))
         prompts = [view_prompt(fmt, task, test_input, v, budget, MAX_LENGTH) for v in views]
         start = time.perf_counter()
-        with kit.merged_adapter():  # as kit.solve decodes: on merged weights (the merge is timed too)
-            kit.generate(prompts, fmt.grid_vocabulary, fmt.eos_id, budget)
+        with kit.merged_adapter():  # as kit.infer decodes: on merged weights (the merge is timed too)
+            outputs = kit.generate(prompts, fmt.grid_vocabulary, fmt.eos_id, budget, None,
+                                   GridWatch(fmt, len(prompts), side).step)
         kit_grids.append(len(prompts) / (time.perf_counter() - start))
         start = time.perf_counter()
         naive_model.eval()
@@ -107,8 +112,22 @@ def main() -> None:
                 naive_model.generate(torch.from_numpy(prompt)[None], max_new_tokens=budget, do_sample=False,
                                      eos_token_id=fmt.eos_id, pad_token_id=fmt.eos_id)
         naive_grids.append(len(prompts) / (time.perf_counter() - start))
+
+        candidates = tally([v.invert_grid(g) for v, g in zip(views, parsed(fmt, outputs)) if g is not None])
+        pairs = len(candidates) * len(views)
+        start = time.perf_counter()
+        with kit.merged_adapter():
+            score_under_views(kit, fmt, candidates, views, prompts, InferSettings())
+        kit_pairs.append(pairs / (time.perf_counter() - start))
+        start = time.perf_counter()
+        with torch.no_grad():
+            for candidate in candidates:
+                for view, prompt in zip(views, prompts):
+                    naive_score(naive_model, prompt, fmt.encode_answer(view.grid(candidate.grid)))
+        naive_pairs.append(pairs / (time.perf_counter() - start))
         print(f"{task.id} ({task_tokens(task)} tokens): train {kit_rates[-1]:.0f} vs {naive_rates[-1]:.0f} tok/s, "
-              f"decode {kit_grids[-1]:.2f} vs {naive_grids[-1]:.2f} grids/s", flush=True)
+              f"decode {kit_grids[-1]:.2f} vs {naive_grids[-1]:.2f} grids/s, "
+              f"score {kit_pairs[-1]:.1f} vs {naive_pairs[-1]:.1f} pairs/s ({len(candidates)} candidates)", flush=True)
 
     train_ratio = np.mean(kit_rates) / np.mean(naive_rates)
     decode_ratio = np.mean(kit_grids) / np.mean(naive_grids)
@@ -118,6 +137,25 @@ def main() -> None:
           f"ratio {train_ratio:.2f}x (target >= 2.5x)")
     print(f"inference: kit {np.mean(kit_grids):.2f} grids/s vs naive {np.mean(naive_grids):.2f} grids/s: "
           f"ratio {decode_ratio:.2f}x (target >= 3x)")
+    print(f"scoring (product of experts): kit {np.mean(kit_pairs):.1f} vs naive {np.mean(naive_pairs):.1f} "
+          f"(candidate, view) pairs/s: ratio {np.mean(kit_pairs) / np.mean(naive_pairs):.2f}x")
+
+
+def parsed(fmt: GridFormat, outputs: list[np.ndarray]) -> list[np.ndarray | None]:
+    out = []
+    for ids in outputs:
+        try:
+            out.append(fmt.parse_grid(ids))
+        except FormatError:
+            out.append(None)
+    return out
+
+
+def naive_score(model, prompt: np.ndarray, answer: np.ndarray) -> float:
+    """log p(answer | prompt) from one full forward of prompt + answer (full vocabulary, fp32)."""
+    ids = torch.from_numpy(np.concatenate([prompt, answer]))[None]
+    log_probs = model(input_ids=ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+    return float(log_probs.gather(1, torch.from_numpy(answer)[:, None]).sum())
 
 
 def load_naive(model_dir: Path):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kit import attention
 from kit.config import LoraSettings  # torch-free, so the CLI builds it without torch
 from kit.format import IGNORE
 from kit.weights import offline_environment
@@ -87,8 +88,14 @@ class Backend:
         self._base = base = model.get_base_model()
         self.max_length = min(max_length, getattr(base.config, "max_position_embeddings", max_length))
         cpu = device.type == "cpu"
-        # Decoding's prefill (left-padded: an explicit mask, so no flash kernel) was as fast eager as sdpa on a CPU.
-        self.decode_attention = "eager" if cpu else base.config._attn_implementation
+        self._loaded_attention = base.config._attn_implementation
+        # Decoding steps and scoring's answer passes (a padding mask, so no flash kernel on a CPU) run eager attention
+        # reading the grouped KV cache in place (kit.attention) where it reproduces the model's own eager attention.
+        # Prefills are right-padded passes like training's, with the kernel `attention_for` their length.
+        if cpu:
+            self.decode_attention = attention.register() if attention.reproduces(base) else "eager"
+        else:
+            self.decode_attention = self._loaded_attention
         # None: the loaded kernel at every length (GPUs, and models without sdpa)
         self.sdpa_from = CPU_SDPA_FROM if cpu and getattr(base, "_supports_sdpa", False) else None
         self._set_attention(self.decode_attention)
@@ -201,7 +208,7 @@ class Backend:
     def attention_for(self, length: int) -> str:
         """The attention kernel of a right-padded pass (training, scoring) over `length` tokens (CPU_SDPA_FROM)."""
         if self.sdpa_from is None:
-            return self.decode_attention
+            return self._loaded_attention
         return "sdpa" if length >= self.sdpa_from else "eager"
 
     def train(self) -> None:
@@ -231,7 +238,7 @@ class Backend:
         any number of answers after any of them without recomputing it (the product of experts scores every
         candidate under every view's prompt). Switches to eval mode."""
         self.eval()
-        ids, mask = self._pad(prompts, left=False, fill=self._pad_id)
+        ids, mask = self._pad(prompts)
         self._check_length(ids.shape[1])
         self._set_attention(self.attention_for(ids.shape[1]))
         with self._autocast(), self._compiled_if(False):  # right padding: causality keeps pads out of real rows
@@ -246,18 +253,14 @@ class Backend:
         """Summed log-probability of each answer after the prefix's prompt in `prompt_rows` (float64): one
         right-padded pass over the answers alone, attending to their prompts' cached keys and values (a mask hides
         the prompts' padding). Switches to eval mode."""
-        from transformers import DynamicCache
-
         if len(prompt_rows) != len(answers):
             raise ValueError(f"{len(prompt_rows)} prompt rows but {len(answers)} answers")
         self.eval()
-        answer_ids, answer_mask = self._pad(answers, left=False, fill=self._pad_id)
+        answer_ids, answer_mask = self._pad(answers)
         rows = torch.as_tensor(prompt_rows, dtype=torch.long, device=self.device)
         lengths = prefix.lengths[rows]
         self._check_length(int(lengths.max()) + answer_ids.shape[1])
-        cache = DynamicCache()
-        for index, (keys, values) in enumerate(prefix.keys_values):
-            cache.update(keys[rows], values[rows], index)
+        cache = cache_rows(prefix.keys_values, rows)
         positions = lengths[:, None] + torch.arange(answer_ids.shape[1], device=self.device)
         self._set_attention(self.decode_attention)
         with self._autocast(), self._compiled_if(False):
@@ -296,47 +299,57 @@ class Backend:
 
     # --- decoding ----------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence[np.ndarray], vocab: Ids, eos_id: int, max_new_tokens: int,
                  deadline: float | None = None, give_up: Callable[[np.ndarray], np.ndarray] | None = None
                  ) -> list[np.ndarray]:
-        """Greedy continuation of each prompt over `vocab` only, batched with left padding and a KV cache.
+        """Greedy continuation of each prompt over `vocab` only (`prefill`, then `decode`)."""
+        return self.decode(self.prefill(prompts), vocab, eos_id, max_new_tokens, deadline, give_up)
+
+    @torch.no_grad()
+    def decode(self, prefix: Prefix, vocab: Ids, eos_id: int, max_new_tokens: int, deadline: float | None = None,
+               give_up: Callable[[np.ndarray], np.ndarray] | None = None) -> list[np.ndarray]:
+        """Greedy continuation of each prefilled prompt over `vocab` only, one token per row and step on the KV
+        cache (the prefix stays intact, for `score`).
 
         Each row ends at its first `eos_id` (kept in its output) or after `max_new_tokens`, also limited
         so that no sequence exceeds `max_length`, or when `deadline` (time.monotonic()) passes, or where
         `give_up` (called with each step's token of every row) flags it: rows cut off by the deadline or given
-        up on have no EOS. Switches to eval mode.
+        up on have no EOS. Finished rows leave the batch. Switches to eval mode.
         """
         allowed = self._ids(vocab)
         if not bool((allowed == eos_id).any()):
             raise ValueError(f"eos_id {eos_id} is not in the decoding vocabulary")
         self.eval()
-        input_ids, attention_mask = self._pad(prompts, left=True, fill=self._pad_id)
-        budget = min(max_new_tokens, self.max_length - self._check_length(input_ids.shape[1]))
-        positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        count = len(prefix.lengths)
+        budget = min(max_new_tokens, self.max_length - prefix.mask.shape[1])
         head = self._head[allowed]
-        finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
-        given_up = np.zeros(len(prompts), np.int64)  # tokens kept of a row given up on, 0 for the others
-        cache, steps = None, []
+        rows = torch.arange(count, device=self.device)  # the prompt of each row still being decoded
+        tokens = torch.full((count, budget), eos_id, dtype=torch.long, device=self.device)
+        given_up = np.zeros(count, np.int64)  # tokens kept of a row given up on, 0 for the others
+        mask, positions, hidden = prefix.mask, prefix.lengths[:, None], prefix.last_hidden
+        cache, taken = cache_rows(prefix.keys_values), 0
         self._set_attention(self.decode_attention)
         with self._autocast(), self._compiled_if(False):
-            for _ in range(budget):
-                out = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                    past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                chosen = allowed[self._logits(out.last_hidden_state[:, -1], head).argmax(-1)]
-                chosen = chosen.masked_fill(finished, eos_id)
-                steps.append(chosen)
-                finished |= chosen == eos_id
+            for step in range(budget):
+                chosen = allowed[self._logits(hidden, head).argmax(-1)]
+                tokens[rows, step] = chosen
+                taken = step + 1
+                done = chosen == eos_id
                 if give_up is not None:
-                    hopeless = give_up(chosen.cpu().numpy()) & ~finished.cpu().numpy()
-                    given_up[hopeless] = len(steps)
-                    finished |= torch.from_numpy(hopeless).to(self.device)
-                if bool(finished.all()) or (deadline is not None and time.monotonic() >= deadline):
+                    hopeless = torch.from_numpy(give_up(tokens[:, step].cpu().numpy())).to(self.device)[rows]
+                    given_up[rows[hopeless & ~done].cpu().numpy()] = taken
+                    done |= hopeless
+                if bool(done.all()) or step + 1 == budget or (deadline is not None and time.monotonic() >= deadline):
                     break
-                input_ids, positions = chosen[:, None], positions[:, -1:] + 1
-                attention_mask = F.pad(attention_mask, (0, 1), value=1)
-        generated = torch.stack(steps, 1).cpu().numpy() if steps else np.zeros((len(prompts), 0), np.int64)
+                if bool(done.any()):  # finished rows leave the batch: the others' steps get cheaper
+                    keep = (~done).nonzero()[:, 0]
+                    rows, chosen, positions, mask = rows[keep], chosen[keep], positions[keep], mask[keep]
+                    cache = cache_rows(layer_keys_values(cache), keep)
+                mask = F.pad(mask, (0, 1), value=1)
+                out = self._decoder(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,
+                                    past_key_values=cache, use_cache=True)
+                cache, hidden, positions = out.past_key_values, out.last_hidden_state[:, -1], positions + 1
+        generated = tokens[:, :taken].cpu().numpy()
         return [row[:kept] if kept else until_first(row, eos_id) for row, kept in zip(generated, given_up)]
 
     # --- helpers -----------------------------------------------------------------------------------------
@@ -365,16 +378,15 @@ class Backend:
             raise ValueError(f"sequence of {length} tokens exceeds max_length {self.max_length}")
         return length
 
-    def _pad(self, rows: Sequence[np.ndarray], left: bool, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of different lengths as one (ids, mask) batch on the device."""
+    def _pad(self, rows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of different lengths as one right-padded (ids, mask) batch on the device."""
         if not rows or min(len(r) for r in rows) == 0:
             raise ValueError("need at least one sequence, and no empty one")
         width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), fill, dtype=np.int64)
+        ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
         for i, row in enumerate(rows):
-            span = slice(width - len(row), width) if left else slice(0, len(row))
-            ids[i, span], mask[i, span] = row, 1
+            ids[i, :len(row)], mask[i, :len(row)] = row, 1
         return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
 
@@ -462,6 +474,17 @@ def layer_keys_values(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if layers is not None:
         return [(layer.keys, layer.values) for layer in layers]
     return [(keys, values) for keys, values, *_ in cache]
+
+
+def cache_rows(keys_values: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor | None = None) -> Any:
+    """A transformers cache holding those rows of each layer's keys and values (copies; rows may repeat), or
+    all of them (None: no copy; the cache's first update concatenates into new tensors, the given stay intact)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(keys_values):
+        cache.update(keys if rows is None else keys[rows], values if rows is None else values[rows], index)
+    return cache
 
 
 def index_in(ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ from kit.grids import MAX_SIDE, Grid
 from kit.tasks import Task
 from kit.vote import Candidate, tally
 
-if TYPE_CHECKING:  # the backend imports torch and transformers; only its type is needed here
-    from kit.backend import Backend
+if TYPE_CHECKING:  # the backend imports torch and transformers; only its types are needed here
+    from kit.backend import Backend, Prefix
 
 
 def inference_views(rng: np.random.Generator, count: int, num_demos: int, keep_background: bool = True
@@ -59,19 +59,23 @@ def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, set
         if prompt is not None:
             views.append(view)
             prompts.append(prompt)
-    grids = []
-    for n, chunk in enumerate(batches([len(p) + answer_tokens for p in prompts], settings)):
+    # Decoding's prefill serves scoring too; all views' at once where the memory plan's decoding batch holds them.
+    keep = len(prompts) <= settings.batch_size
+    grids, prefilled = [], []
+    for n, group in enumerate(batches([len(p) + answer_tokens for p in prompts], settings)):
         if n and past(deadline):
             break
-        outputs = backend.generate([prompts[i] for i in chunk], fmt.grid_vocabulary, fmt.eos_id, answer_tokens,
-                                   deadline, GridWatch(fmt, len(chunk), side).step)
-        for i, ids in zip(chunk, outputs):
+        prefix = backend.prefill([prompts[i] for i in group])
+        outputs = backend.decode(prefix, fmt.grid_vocabulary, fmt.eos_id, answer_tokens, deadline,
+                                 GridWatch(fmt, len(group), side).step)
+        prefilled.append((group, prefix))
+        for i, ids in zip(group, outputs):
             try:
                 grids.append(views[i].invert_grid(fmt.parse_grid(ids)))
             except FormatError:
                 continue
     candidates = tally(grids)
-    score_under_views(backend, fmt, candidates, views, prompts, settings, deadline)
+    score_under_views(backend, fmt, candidates, views, prompts, settings, deadline, prefilled if keep else None)
     return candidates
 
 
@@ -96,21 +100,26 @@ def past(deadline: float | None) -> bool:
 
 
 def score_under_views(backend: Backend, fmt: GridFormat, candidates: list[Candidate], views: list[Augmentation],
-                      prompts: list[np.ndarray], settings: InferSettings, deadline: float | None = None) -> None:
+                      prompts: list[np.ndarray], settings: InferSettings, deadline: float | None = None,
+                      prefilled: list[tuple[list[int], Prefix]] | None = None) -> None:
     """Fill each candidate's view_scores: log p(candidate seen through the view | the view's prompt). The prompts
-    run once, batched (`Backend.prefill`), then all (candidate, view) answers in batches after them: views x
-    prompt + candidates x views x answer tokens instead of candidates x views x (prompt + answer), in a few
-    passes. Pairs not scored by `deadline` score -inf, like over-long ones: ranking then falls back on votes."""
+    run once, batched (`Backend.prefill`, or decoding's `prefilled` groups of views, reused), then all
+    (candidate, view) answers in batches after them: views x prompt + candidates x views x answer tokens instead
+    of candidates x views x (prompt + answer), in a few passes. Pairs not scored by `deadline` score -inf, like
+    over-long ones: ranking then falls back on votes."""
     scores = np.full((len(candidates), len(views)), float("-inf"))
     answers = [[fmt.encode_answer(view.grid(c.grid)) for c in candidates] for view in views]
-    longest = max((len(a) for seen in answers for a in seen), default=0)
-    for group in batches([len(p) + longest for p in prompts], settings) if candidates else []:
+    if prefilled is None:
+        longest = max((len(a) for seen in answers for a in seen), default=0)
+        prefilled = [(group, None) for group in batches([len(p) + longest for p in prompts], settings)]
+    for group, prefix in prefilled if candidates else []:
         # A candidate too long to be seen through a view scores -inf there (no evidence for it) instead of failing.
         pairs = [(c, v) for v in group for c in range(len(candidates))
                  if len(prompts[v]) + len(answers[v][c]) <= backend.max_length]
         if not pairs or past(deadline):
             continue
-        prefix = backend.prefill([prompts[v] for v in group])
+        if prefix is None:
+            prefix = backend.prefill([prompts[v] for v in group])
         for n, chunk in enumerate(batches([len(answers[v][c]) for c, v in pairs], settings)):
             if n and past(deadline):
                 break

@@ -97,9 +97,9 @@ class ModelDims:
 
 def uses_eager_attention(kernel: str | None) -> bool:
     """Whether an attention kernel (a transformers `attn_implementation`) materialises the batch x heads x
-    length^2 scores (eager), or not (sdpa's flash and memory-efficient kernels, flash_attention_2): the
-    `attention_scores` argument of the estimates."""
-    return kernel in (None, "eager")
+    length^2 scores (eager, and the kit's eager_grouped), or not (sdpa's flash and memory-efficient kernels,
+    flash_attention_2): the `attention_scores` argument of the estimates."""
+    return kernel is None or kernel.startswith("eager")
 
 
 # --- estimates ---------------------------------------------------------------------------------------------

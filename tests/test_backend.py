@@ -255,6 +255,7 @@ def test_score_is_the_summed_log_prob_of_a_plain_forward(backend: Backend, vocab
         targets = torch.tensor(answer if vocab is None else [vocab.index(t) for t in answer])
         expected = log_probs.gather(1, targets[:, None]).sum().item()
         assert value == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    backend.decode(prefix, GRID_VOCAB, EOS, 5)  # decoding leaves the prefix as it found it
     np.testing.assert_allclose(backend.score(prefix, rows[::-1], answers[::-1], vocab), got[::-1], rtol=1e-5)
     with pytest.raises(ValueError, match="exceeds max_length"):
         backend.score(prefix, [1], [np.zeros(backend.max_length - 11, np.int64)], vocab)
@@ -320,7 +321,7 @@ def test_long_passes_switch_to_sdpa_with_the_same_maths(backend: Backend, monkey
     ids, labels, mask = right_padded(random_rows(np.random.default_rng(15), [20, 15]), [4, 4])
     kernel = backend.model.get_base_model().config
 
-    def loss_and_grads(sdpa_from: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def loss_and_grads(sdpa_from: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         monkeypatch.setattr(backend, "sdpa_from", sdpa_from)
         backend.train()
         loss = backend.loss(ids, labels, mask, GRID_VOCAB)
@@ -331,7 +332,7 @@ def test_long_passes_switch_to_sdpa_with_the_same_maths(backend: Backend, monkey
         return loss.detach(), grads
 
     assert backend.attention_for(19) == "eager" and backend.sdpa_from == 512  # the CPU default
-    eager = loss_and_grads(None)
+    eager = loss_and_grads(10**6)
     assert kernel._attn_implementation == "eager"
     flash = loss_and_grads(16)
     assert kernel._attn_implementation == "sdpa"
@@ -340,12 +341,39 @@ def test_long_passes_switch_to_sdpa_with_the_same_maths(backend: Backend, monkey
     for got, want in zip(flash[1], eager[1]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     prompts, answers = random_rows(np.random.default_rng(16), [18, 13]), random_rows(np.random.default_rng(19), [3, 5])
-    monkeypatch.setattr(backend, "sdpa_from", None)
+    monkeypatch.setattr(backend, "sdpa_from", 10**6)
     eager_scores = pair_scores(backend, prompts, answers, GRID_VOCAB)
-    monkeypatch.setattr(backend, "sdpa_from", 16)  # the prompts' prefill runs sdpa, the answers' pass eager
+    monkeypatch.setattr(backend, "sdpa_from", 16)  # the prompts' prefill runs sdpa, the answers' pass grouped
     np.testing.assert_allclose(pair_scores(backend, prompts, answers, GRID_VOCAB), eager_scores, rtol=1e-5)
     backend.generate(prompts, GRID_VOCAB, EOS, 2)
-    assert kernel._attn_implementation == backend.decode_attention == "eager"
+    assert kernel._attn_implementation == backend.decode_attention == "eager_grouped"
+
+
+def test_grouped_eager_decoding_and_scoring_match_transformers_eager(backend: Backend, monkeypatch) -> None:
+    """On a CPU, decoding and scoring read the grouped KV cache in place (kit.attention): the tokens and scores
+    of transformers' eager attention, which copies each key/value head per query head (tiny Llama: 2 per head)."""
+    backend.reset_lora(9)
+    train_steps(backend, 2, np.random.default_rng(20))
+    rng = np.random.default_rng(21)
+    prompts, answers = random_rows(rng, [11, 6, 15]), random_rows(rng, [4, 7, 2])
+    assert backend.decode_attention == "eager_grouped"
+    grouped = backend.generate(prompts, GRID_VOCAB, EOS, 8), pair_scores(backend, prompts, answers, GRID_VOCAB)
+    monkeypatch.setattr(backend, "decode_attention", "eager")
+    eager = backend.generate(prompts, GRID_VOCAB, EOS, 8), pair_scores(backend, prompts, answers, GRID_VOCAB)
+    for got, want in zip(grouped[0], eager[0]):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(grouped[1], eager[1], rtol=1e-5)
+
+
+def test_grouped_attention_is_used_only_where_it_reproduces_the_models_own() -> None:
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from kit import attention
+
+    small = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8)
+    assert attention.reproduces(LlamaForCausalLM(LlamaConfig(**small)))
+    assert not attention.reproduces(Gemma2ForCausalLM(Gemma2Config(**small)))  # soft-capped scores
 
 
 def test_merged_adapter_infers_the_same_and_gives_the_base_back_untouched(backend: Backend) -> None:

@@ -19,8 +19,7 @@ class CopyingModel:
     def __init__(self, max_length: int = 10_000):
         self.decoded, self.prefilled, self.scored, self.max_length = 0, [], [], max_length
 
-    def generate(self, prompts, vocab, eos_id, max_new_tokens, deadline=None, give_up=None):
-        self.give_up = give_up
+    def decode(self, prompts, vocab, eos_id, max_new_tokens, deadline=None, give_up=None):
         answers = []
         for prompt in prompts:
             query = prompt[np.flatnonzero(prompt == FMT.input_id)[-1] + 1:-1]
@@ -47,11 +46,22 @@ def test_answers_are_inverted_voted_and_scored_under_every_view():
     model = CopyingModel()
     candidates = predict(model, FMT, Task("copy", train, [test_input]), test_input, InferSettings(augs=8),
                          task_rng(0, "copy"))
+    assert model.prefilled == [8]  # the views' prompts run once, for decoding and scoring
     assert len(candidates) == 1  # the 8 views' answers, mapped back, agree: one grid
     (best,) = candidates
     assert (best.grid == test_input).all() and best.votes == 6  # two garbled answers were rejected
     # each view scores the answer as it looks there: 3x4 (16 tokens) or, transposed, 4x3 (17 tokens)
     assert sorted(best.view_scores) == [-17.0] * 4 + [-16.0] * 4
+
+
+def test_decodings_prefill_is_kept_for_scoring_only_where_the_decoding_batch_holds_every_view():
+    rng = np.random.default_rng(2)
+    train = [Pair(g, g) for g in (rng.integers(0, 10, (2, 3), dtype=np.uint8) for _ in range(2))]
+    test_input = rng.integers(0, 10, (2, 2), dtype=np.uint8)
+    model = CopyingModel()
+    predict(model, FMT, Task("copy", train, [test_input]), test_input, InferSettings(augs=8, batch_size=4),
+            task_rng(0, "copy"))
+    assert model.prefilled == [4, 4, 4, 4]  # decoding's two groups, then scoring's own
 
 
 def test_demonstrations_are_dropped_to_leave_room_for_the_answer():
