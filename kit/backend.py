@@ -48,6 +48,7 @@ class Prefix:
     last_hidden: torch.Tensor
     lengths: torch.Tensor
     mask: torch.Tensor
+    legacy: bool = False  # the decoder returned (keys, values) tuples (unsloth's fast forward) and takes them back
 
 
 # On a CPU, eager attention is the faster kernel for short passes and torch's flash kernel (sdpa, causal, no mask)
@@ -206,7 +207,8 @@ class Backend:
         return [n for n in lengths if n <= self.max_length]
 
     def attention_for(self, length: int) -> str:
-        """The attention kernel of a right-padded pass (training, scoring) over `length` tokens (CPU_SDPA_FROM)."""
+        """The attention kernel of a right-padded pass without cache (training, prompt prefills) over `length`
+        tokens (CPU_SDPA_FROM)."""
         if self.sdpa_from is None:
             return self._loaded_attention
         return "sdpa" if length >= self.sdpa_from else "eager"
@@ -245,7 +247,8 @@ class Backend:
             out = self._decoder(input_ids=ids, use_cache=True)
         lengths = mask.sum(1)
         last_hidden = out.last_hidden_state[torch.arange(len(prompts), device=self.device), lengths - 1]
-        return Prefix(layer_keys_values(out.past_key_values), last_hidden, lengths, mask)
+        cache = out.past_key_values
+        return Prefix(layer_keys_values(cache), last_hidden, lengths, mask, legacy=not hasattr(cache, "layers"))
 
     @torch.no_grad()
     def score(self, prefix: Prefix, prompt_rows: Sequence[int], answers: Sequence[np.ndarray],
@@ -259,8 +262,8 @@ class Backend:
         answer_ids, answer_mask = self._pad(answers)
         rows = torch.as_tensor(prompt_rows, dtype=torch.long, device=self.device)
         lengths = prefix.lengths[rows]
-        self._check_length(int(lengths.max()) + answer_ids.shape[1])
-        cache = cache_rows(prefix.keys_values, rows)
+        self._check_length(int((lengths + answer_mask.sum(1)).max()))
+        cache = cache_rows(prefix.keys_values, rows, prefix.legacy)
         positions = lengths[:, None] + torch.arange(answer_ids.shape[1], device=self.device)
         self._set_attention(self.decode_attention)
         with self._autocast(), self._compiled_if(False):
@@ -327,7 +330,7 @@ class Backend:
         tokens = torch.full((count, budget), eos_id, dtype=torch.long, device=self.device)
         given_up = np.zeros(count, np.int64)  # tokens kept of a row given up on, 0 for the others
         mask, positions, hidden = prefix.mask, prefix.lengths[:, None], prefix.last_hidden
-        cache, taken = cache_rows(prefix.keys_values), 0
+        cache, taken = cache_rows(prefix.keys_values, legacy=prefix.legacy), 0
         self._set_attention(self.decode_attention)
         with self._autocast(), self._compiled_if(False):
             for step in range(budget):
@@ -344,7 +347,7 @@ class Backend:
                 if bool(done.any()):  # finished rows leave the batch: the others' steps get cheaper
                     keep = (~done).nonzero()[:, 0]
                     rows, chosen, positions, mask = rows[keep], chosen[keep], positions[keep], mask[keep]
-                    cache = cache_rows(layer_keys_values(cache), keep)
+                    cache = cache_rows(layer_keys_values(cache), keep, prefix.legacy)
                 mask = F.pad(mask, (0, 1), value=1)
                 out = self._decoder(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,
                                     past_key_values=cache, use_cache=True)
@@ -476,14 +479,19 @@ def layer_keys_values(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(keys, values) for keys, values, *_ in cache]
 
 
-def cache_rows(keys_values: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor | None = None) -> Any:
-    """A transformers cache holding those rows of each layer's keys and values (copies; rows may repeat), or
-    all of them (None: no copy; the cache's first update concatenates into new tensors, the given stay intact)."""
+def cache_rows(keys_values: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor | None = None,
+               legacy: bool = False) -> Any:
+    """A cache holding those rows (None: all) of each layer's keys and values, as copies: the given tensors stay
+    intact. A transformers DynamicCache, or with `legacy` the per-layer (keys, values) tuples that unsloth's fast
+    forward returns and indexes."""
     from transformers import DynamicCache
 
+    picked = [(k, v) if rows is None else (k[rows], v[rows]) for k, v in keys_values]
+    if legacy:
+        return tuple((k.clone(), v.clone()) if rows is None else (k, v) for k, v in picked)
     cache = DynamicCache()
-    for index, (keys, values) in enumerate(keys_values):
-        cache.update(keys if rows is None else keys[rows], values if rows is None else values[rows], index)
+    for index, (keys, values) in enumerate(picked):
+        cache.update(keys, values, index)  # concatenated onto an empty tensor: a copy
     return cache
 
 

@@ -68,7 +68,8 @@ def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, set
         prefix = backend.prefill([prompts[i] for i in group])
         outputs = backend.decode(prefix, fmt.grid_vocabulary, fmt.eos_id, answer_tokens, deadline,
                                  GridWatch(fmt, len(group), side).step)
-        prefilled.append((group, prefix))
+        if keep:
+            prefilled.append((group, prefix))
         for i, ids in zip(group, outputs):
             try:
                 grids.append(views[i].invert_grid(fmt.parse_grid(ids)))

@@ -184,19 +184,19 @@ def training_bytes(dims: ModelDims, batch: int, length: int, checkpointing: bool
     return int(total * ESTIMATE_MARGIN)
 
 
-def decoding_bytes(dims: ModelDims, batch: int, length: int, attention_scores: bool = True,
-                   cache: bool = True) -> int:
-    """Estimated peak memory that decoding (`cache` True) or scoring (False: one forward, no KV cache) `batch`
-    sequences of `length` tokens adds to the resident model; no grad, so one layer's activations at a time.
+def decoding_bytes(dims: ModelDims, batch: int, length: int, attention_scores: bool = True) -> int:
+    """Estimated peak memory that decoding and scoring `batch` sequences of `length` tokens add to the resident
+    model; no grad, so one layer's activations at a time.
 
-    The KV cache of every layer, the 4D attention mask, and the prefill's busiest layer: its hidden and MLP
-    activations and, with eager attention, per score the masked scores, their fp32 copy and the fp32 softmax
-    output (about 10.8 bytes per score were measured).
+    The KV cache of every layer twice (the prompts' prefill, kept for scoring, and the decoding cache that copies
+    it and grows a token per step; scoring's caches gathered from the prefill are no larger), the 4D attention
+    mask, and the prefill's busiest layer: its hidden and MLP activations and, with eager attention, per score
+    the masked scores, their fp32 copy and the fp32 softmax output (about 10.8 bytes per score were measured).
     """
     if batch < 1 or length < 1:
         raise ValueError(f"batch {batch} and length {length} must be positive")
     d, tokens = dims.dtype_bytes, batch * length
-    kv = 2 * dims.layers * tokens * dims.kv_width * d if cache else 0
+    kv = 2 * (2 * dims.layers * tokens * dims.kv_width * d)
     per_token = FP32 * dims.hidden + d * (2 * dims.hidden + 2 * dims.attention_width + 3 * dims.intermediate)
     scores = _scores(dims, batch, length, attention_scores) * (2 * FP32 + d)
     mask = batch * length * length * d
@@ -256,11 +256,11 @@ def _halvings(start: int, floor: int) -> list[int]:
 
 
 def decoding_batch(budget: int, resident: int, dims: ModelDims, batch_size: int, length: int,
-                   attention_scores: bool = True, cache: bool = True) -> int:
-    """The largest batch up to `batch_size` whose decoding (or, `cache` False, scoring) of `length`-token
-    sequences fits the budget; 0 if even one sequence does not."""
+                   attention_scores: bool = True) -> int:
+    """The largest batch up to `batch_size` whose decoding and scoring of `length`-token sequences fits the
+    budget; 0 if even one sequence does not."""
     for batch in range(batch_size, 0, -1):
-        if resident + decoding_bytes(dims, batch, length, attention_scores, cache) <= budget:
+        if resident + decoding_bytes(dims, batch, length, attention_scores) <= budget:
             return batch
     return 0
 

@@ -72,13 +72,13 @@ class Profile:
         return steps * (self.train_step_s + tokens_per_step / self.train_tokens_per_s)
 
     def infer_seconds(self, views: int, prompt_tokens: int, decode_tokens: int, tests: int) -> float:
-        """Decode `views` prompts in one batch up to `decode_tokens` steps, then score about views/2 candidates
-        under every view (product of experts: each view's prompt once, the candidates' answers after it), for
-        each test input."""
+        """Prefill `views` prompts and decode them in one batch up to `decode_tokens` steps, then score about
+        views/2 candidates under every view (product of experts: their answers after the prefilled prompts),
+        for each test input."""
         prefill = views * prompt_tokens / self.prefill_tokens_per_s
         decode = decode_tokens * (self.decode_step_s + views * self.decode_row_s)
         candidates = max(1.0, views / 2)
-        scoring = views * (prompt_tokens + candidates * decode_tokens) / self.prefill_tokens_per_s
+        scoring = candidates * views * decode_tokens / self.prefill_tokens_per_s
         return tests * (prefill + decode + scoring)
 
     def save(self, path: Path) -> None:

@@ -221,19 +221,37 @@ def test_generate_stops_each_row_at_its_first_eos_or_where_given_up_on(backend: 
         np.testing.assert_array_equal(got, row[: cut[0] + 1] if len(cut) else row)
     assert len(backend.generate(prompts, [EOS], EOS, 12)[0]) == 1
 
-    seen = []
-
-    def give_up_on_row_0_at_step_3(tokens: np.ndarray) -> np.ndarray:
-        seen.append(tokens.copy())
-        return np.array([len(seen) >= 3, False])
-
-    cut = backend.generate(prompts, GRID_VOCAB, EOS, 12, give_up=give_up_on_row_0_at_step_3)
-    assert EOS not in free[0][:3]
-    np.testing.assert_array_equal(cut[0], free[0][:3])  # ends where given up on, without EOS
-    np.testing.assert_array_equal(cut[1], free[1])
-    np.testing.assert_array_equal(np.stack(seen)[:, 1], cut[1][:len(seen)])
     with pytest.raises(ValueError, match="not in the decoding vocabulary"):
         backend.generate(prompts, DIGITS, EOS, 4)
+
+    prompts = random_rows(np.random.default_rng(22), [6, 11, 8])  # uneven prompts; rows leave at different steps
+    free = backend.generate(prompts, GRID_VOCAB, EOS, 12)
+    assert all(EOS not in row[:5] for row in free)
+    seen = []
+
+    def give_up_on_rows_0_and_2(tokens: np.ndarray) -> np.ndarray:
+        seen.append(tokens.copy())
+        return np.array([len(seen) >= 3, False, len(seen) >= 5])
+
+    cut = backend.generate(prompts, GRID_VOCAB, EOS, 12, give_up=give_up_on_rows_0_and_2)
+    for got, want in zip(cut, [free[0][:3], free[1], free[2][:5]]):  # given up on: ends there, without EOS
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.stack(seen)[:, 1], cut[1][:len(seen)])
+
+
+def test_cache_rows_copies_the_rows_asked_for_in_either_cache_form() -> None:
+    from kit.backend import cache_rows
+
+    keys_values = [(torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)) for _ in range(2)]
+    rows = torch.tensor([2, 0, 2])
+    for legacy in (False, True):
+        cache = cache_rows(keys_values, rows, legacy)
+        layers = cache if legacy else [(layer.keys, layer.values) for layer in cache.layers]
+        for (keys, values), (want_keys, want_values) in zip(layers, keys_values):
+            assert torch.equal(keys, want_keys[rows]) and torch.equal(values, want_values[rows])
+        whole = cache_rows(keys_values, legacy=legacy)
+        first = whole[0][0] if legacy else whole.layers[0].keys
+        assert torch.equal(first, keys_values[0][0]) and first.data_ptr() != keys_values[0][0].data_ptr()
 
 
 @pytest.mark.parametrize("vocab", [None, GRID_VOCAB])

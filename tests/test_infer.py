@@ -4,8 +4,8 @@ import numpy as np
 
 from kit.augment import Augmentation, task_rng
 from kit.config import InferSettings
-from kit.format import GridFormat
-from kit.infer import batches, predict, score_under_views
+from kit.format import GridFormat, GridWatch
+from kit.infer import batches, plausible_side, predict, score_under_views
 from kit.tasks import Pair, Task
 from kit.vote import Candidate, rank, two_attempts
 
@@ -20,6 +20,7 @@ class CopyingModel:
         self.decoded, self.prefilled, self.scored, self.max_length = 0, [], [], max_length
 
     def decode(self, prompts, vocab, eos_id, max_new_tokens, deadline=None, give_up=None):
+        self.watch = give_up.__self__  # predict's GridWatch(...).step
         answers = []
         for prompt in prompts:
             query = prompt[np.flatnonzero(prompt == FMT.input_id)[-1] + 1:-1]
@@ -44,9 +45,10 @@ def test_answers_are_inverted_voted_and_scored_under_every_view():
     train = [Pair(g, g) for g in (rng.integers(0, 10, (2, 5), dtype=np.uint8) for _ in range(3))]
     test_input = rng.integers(0, 10, (3, 4), dtype=np.uint8)
     model = CopyingModel()
-    candidates = predict(model, FMT, Task("copy", train, [test_input]), test_input, InferSettings(augs=8),
-                         task_rng(0, "copy"))
+    model_task = Task("copy", train, [test_input])
+    candidates = predict(model, FMT, model_task, test_input, InferSettings(augs=8), task_rng(0, "copy"))
     assert model.prefilled == [8]  # the views' prompts run once, for decoding and scoring
+    assert isinstance(model.watch, GridWatch) and model.watch.max_side == plausible_side(model_task, test_input)
     assert len(candidates) == 1  # the 8 views' answers, mapped back, agree: one grid
     (best,) = candidates
     assert (best.grid == test_input).all() and best.votes == 6  # two garbled answers were rejected
