@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kit.augment import task_rng  # noqa: E402
 from kit.backend import load_backend  # noqa: E402
 from kit.config import InferSettings, LoraSettings  # noqa: E402
-from kit.format import FormatError, GridFormat, GridWatch, answer_budget, task_tokens  # noqa: E402
-from kit.infer import inference_views, plausible_side, score_under_views, view_prompt  # noqa: E402
+from kit.format import GridFormat, GridWatch, answer_budget, task_tokens  # noqa: E402
+from kit.infer import inference_views, inverted_grids, plausible_side, score_under_views, view_prompt  # noqa: E402
 from kit.tasks import load_bundled  # noqa: E402
 from kit.ttt import adamw, bucketed_batches, collate, train_step, training_sequences  # noqa: E402
 from kit.vote import tally  # noqa: E402
@@ -113,7 +113,7 @@ def main() -> None:
                                      eos_token_id=fmt.eos_id, pad_token_id=fmt.eos_id)
         naive_grids.append(len(prompts) / (time.perf_counter() - start))
 
-        candidates = tally([v.invert_grid(g) for v, g in zip(views, parsed(fmt, outputs)) if g is not None])
+        candidates = tally(inverted_grids(fmt, views, outputs))
         pairs = len(candidates) * len(views)
         start = time.perf_counter()
         with kit.merged_adapter():
@@ -139,16 +139,6 @@ def main() -> None:
           f"ratio {decode_ratio:.2f}x (target >= 3x)")
     print(f"scoring (product of experts): kit {np.mean(kit_pairs):.1f} vs naive {np.mean(naive_pairs):.1f} "
           f"(candidate, view) pairs/s: ratio {np.mean(kit_pairs) / np.mean(naive_pairs):.2f}x")
-
-
-def parsed(fmt: GridFormat, outputs: list[np.ndarray]) -> list[np.ndarray | None]:
-    out = []
-    for ids in outputs:
-        try:
-            out.append(fmt.parse_grid(ids))
-        except FormatError:
-            out.append(None)
-    return out
 
 
 def naive_score(model, prompt: np.ndarray, answer: np.ndarray) -> float:

@@ -70,14 +70,22 @@ def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, set
                                  GridWatch(fmt, len(group), side).step)
         if keep:
             prefilled.append((group, prefix))
-        for i, ids in zip(group, outputs):
-            try:
-                grids.append(views[i].invert_grid(fmt.parse_grid(ids)))
-            except FormatError:
-                continue
+        grids += inverted_grids(fmt, [views[i] for i in group], outputs)
     candidates = tally(grids)
     score_under_views(backend, fmt, candidates, views, prompts, settings, deadline, prefilled if keep else None)
     return candidates
+
+
+def inverted_grids(fmt: GridFormat, views: list[Augmentation], outputs: list[np.ndarray]) -> list[Grid]:
+    """Each decoded answer that parses as a grid, mapped back through the view it was decoded under; the others
+    are dropped."""
+    grids = []
+    for view, ids in zip(views, outputs):
+        try:
+            grids.append(view.invert_grid(fmt.parse_grid(ids)))
+        except FormatError:
+            continue
+    return grids
 
 
 def batches(lengths: list[int], settings: InferSettings) -> list[list[int]]:
