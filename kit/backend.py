@@ -421,19 +421,28 @@ class UnslothBackend(Backend):
 
         model, tokenizer = FastLanguageModel.from_pretrained(
             str(model_dir), max_seq_length=max_length, load_in_4bit=False, dtype=dtype)
+        cuda = device.type == "cuda"
         model = FastLanguageModel.get_peft_model(
-            model, **lora.peft_config(), random_state=seed,
-            use_gradient_checkpointing="unsloth" if device.type == "cuda" else False)
-        return cls(model, tokenizer, device, dtype, max_length, seed)
+            model, **lora.peft_config(), random_state=seed, use_gradient_checkpointing="unsloth" if cuda else False)
+        backend = cls(model, tokenizer, device, dtype, max_length, seed)
+        backend._cuda_checkpointing = "unsloth" if cuda else None
+        return backend
+
+    # On CUDA: unsloth's checkpointing (activations offloaded to host memory), armed at load and switched per
+    # training pass by `train`; on until the memory plan finds it unneeded (as PeftBackend). None: not on CUDA.
+    _cuda_checkpointing: str | bool | None = None
 
     def set_checkpointing(self, on: bool) -> None:
-        """On CUDA unsloth's own checkpointing is always on (set at load); elsewhere as the base class."""
-        if self.device.type != "cuda":
+        """On CUDA unsloth's own (offloading) checkpointing, applied by the next `train`; elsewhere as the base
+        class."""
+        if self._cuda_checkpointing is None:
             super().set_checkpointing(on)
+        else:
+            self._cuda_checkpointing = "unsloth" if on else False
 
     def train(self) -> None:
         from unsloth import FastLanguageModel
-        FastLanguageModel.for_training(self.model)
+        FastLanguageModel.for_training(self.model, use_gradient_checkpointing=self._cuda_checkpointing)
 
     def eval(self) -> None:
         from unsloth import FastLanguageModel

@@ -190,6 +190,30 @@ def test_loss_gradients_reach_only_the_adapter(backend: Backend) -> None:
     backend.reset_lora(5)
 
 
+def test_checkpointing_switches_recomputation_on_and_off(backend: Backend) -> None:
+    """The memory plan's switch really changes the training pass: a checkpointed layer runs its projections again
+    in the backward pass, an unchecked one does not (and the gradients are the same either way)."""
+    ids, labels, mask = right_padded(random_rows(np.random.default_rng(7), [12, 9]), [4, 3])
+    calls = []
+    hook = backend._decoder.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+    grads = {}
+    try:
+        for on in (True, False, True):
+            backend.reset_lora(7)
+            backend.set_checkpointing(on)
+            backend.train()
+            calls.clear()
+            backend.loss(ids, labels, mask, GRID_VOCAB).backward()
+            assert len(calls) == (2 if on else 1), f"checkpointing {on}: q_proj ran {len(calls)} times"
+            grads[on] = [p.grad.clone() for p in backend.trainable_parameters()]
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[True], grads[False]))
+    finally:
+        hook.remove()
+        backend.set_checkpointing(False)
+        backend.eval()
+        backend.reset_lora(7)
+
+
 def test_loss_refuses_left_padding_and_foreign_labels(backend: Backend) -> None:
     ids, labels, mask = right_padded(random_rows(np.random.default_rng(6), [8, 5]), [2, 2])
     with pytest.raises(ValueError, match="right-padded"):
