@@ -141,3 +141,18 @@ def test_a_small_memory_budget_keeps_every_task_under_it(tmp_path):
     big = records["d5c634a2"]["memory"]
     assert big["train_batch"] * big["train_length"] < 4 * 710
     assert big["merged"] is False  # no room for a merged copy of the weights: inference through the LoRA branch
+
+
+def test_calibrate_measures_training_as_the_memory_plan_runs_it_and_saves_a_profile(tmp_path):
+    """`--calibrate` trains its task with the memory plan's batch and checkpointing (a GPU backend loads
+    checkpointed, which a run where the batch fits does not pay) and saves a profile the planner can load."""
+    out = tmp_path / "submission.json"
+    done = subprocess.run([sys.executable, "build_submission.py", "--calibrate", "--dataset", "arc1-eval",
+                           "--tasks", "66e6c45b", "00576224", "--backend", "peft", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "calibrating on 66e6c45b: training batch 4, checkpointing off" in done.stdout + done.stderr
+    profile = json.loads(out.with_name("throughput.json").read_text())
+    assert profile["calibrated"] and profile["device"] == "cpu"
+    assert all(profile[k] > 0 for k in ("train_tokens_per_s", "prefill_tokens_per_s", "decode_step_s"))
+    assert not out.exists()  # calibration answers nothing
