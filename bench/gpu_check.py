@@ -1,0 +1,194 @@
+"""Does the kit's inference compute what it should on this machine's device, and what does a task cost there?
+Meant for a GPU session (unsloth's CUDA path differs from its CPU fallback: its own fast forward and per-layer tuple
+caches), runs anywhere; exits 1 when a check fails.
+
+1. Greedy decoding on the KV cache (`Backend.prefill` + `decode`, all views in one batch) gives the tokens of greedy
+   decoding by full forwards without a cache (view 0, the first CHECKED_TOKENS tokens).
+2. Scoring on the prefix decoding used (`score_under_views` with decoding's prefix) equals scoring on a fresh
+   prefill, and a full forward per (candidate, view) pair (candidates: the true output and the test input).
+3. `solve_task` as a worker runs it (the memory plan's batch and checkpointing; TTT, then predict with the merged
+   adapter) on each task with no error, even one that `solve_task` catches per test input: its seconds, training
+   tokens/s and peak memory.
+
+    python bench/gpu_check.py [--backend auto|unsloth|peft] [--model DIR] [--random-weights] [--challenges FILE]
+                              [--tasks N] [--steps N] [--augs N]
+
+`--random-weights`: the model's config and tokenizer with random weights, for a device the real weights cannot be
+carried to (speed and memory are the real model's; the solve numbers then say nothing about accuracy). Results of
+the runs so far: docs/results.md, "GPU".
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ttt_throughput import synchronize  # noqa: E402
+
+from kit.backend import Backend, load_backend  # noqa: E402
+from kit.config import InferSettings, RunConfig, TTTSettings  # noqa: E402
+from kit.format import GridFormat, task_tokens  # noqa: E402
+from kit.infer import inference_views, score_under_views, view_prompt  # noqa: E402
+from kit.memory import PeakMemory  # noqa: E402
+from kit.solve import solve_task  # noqa: E402
+from kit.tasks import Task, load_bundled, load_challenges  # noqa: E402
+from kit.vote import tally  # noqa: E402
+from kit.weights import ensure_default_model  # noqa: E402
+from kit.workers import MemoryBudget  # noqa: E402
+
+CHECKED_TOKENS = 16  # bf16 near-ties may legitimately part the two decodings later on
+DECODED_TOKENS = 64
+PREFIX_TOLERANCE = 1e-3  # nats: the same maths on the same prompt
+FULL_TOLERANCE = (0.05, 1e-2)  # nats + relative, against a full forward: another kernel path, in bf16
+
+
+def random_weights(model_dir: Path, into: Path) -> Path:
+    """`model_dir`'s config and tokenizer with seeded random weights, saved in `into`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16).save_pretrained(into)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(into)
+    return into
+
+
+def reference_log_probs(backend: Backend, fmt: GridFormat, ids: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the grid vocabulary at every position of one plain forward of the decoder (no cache,
+    the model's own attention), with the head in fp32 as the kit's: bf16 logits would be off by ~0.1 a token."""
+    base = backend.model.get_base_model()
+    allowed = torch.tensor(fmt.grid_vocabulary, device=backend.device)
+    with torch.no_grad(), torch.autocast(backend.device.type, dtype=torch.bfloat16,
+                                         enabled=backend.dtype == torch.bfloat16):
+        hidden = base.get_decoder()(input_ids=ids[None]).last_hidden_state[0]
+    head = base.get_output_embeddings().weight[allowed]
+    return (hidden.float() @ head.float().T).log_softmax(-1)
+
+
+def uncached_greedy(backend: Backend, fmt: GridFormat, prompt: np.ndarray, count: int) -> list[int]:
+    """Greedy tokens over the grid vocabulary, each from a full forward of everything so far."""
+    ids = torch.from_numpy(prompt).to(backend.device)
+    tokens = []
+    for _ in range(count):
+        tokens.append(fmt.grid_vocabulary[int(reference_log_probs(backend, fmt, ids)[-1].argmax())])
+        if tokens[-1] == fmt.eos_id:
+            break
+        ids = torch.cat([ids, ids.new_tensor(tokens[-1:])])
+    return tokens
+
+
+def full_forward_score(backend: Backend, fmt: GridFormat, prompt: np.ndarray, answer: np.ndarray) -> float:
+    """log p(answer | prompt) over the grid vocabulary from one forward of prompt + answer."""
+    ids = torch.from_numpy(np.concatenate([prompt, answer])).to(backend.device)
+    log_probs = reference_log_probs(backend, fmt, ids)[len(prompt) - 1:-1]
+    positions = [fmt.grid_vocabulary.index(int(token)) for token in answer]
+    return float(log_probs[torch.arange(len(answer)), positions].sum())
+
+
+def check_inference(backend: Backend, fmt: GridFormat, task: Task, views_count: int) -> list[str]:
+    """Checks 1 and 2 on the task's first test input; returns the failures."""
+    failures = []
+    test_input = task.test_inputs[0]
+    views, prompts = [], []
+    for view in inference_views(np.random.default_rng(0), views_count, len(task.train)):
+        if (prompt := view_prompt(fmt, task, test_input, view, DECODED_TOKENS, backend.max_length)) is not None:
+            views.append(view)
+            prompts.append(prompt)
+    synchronize(backend.device)
+    start = time.perf_counter()
+    prefix = backend.prefill(prompts)
+    outputs = backend.decode(prefix, fmt.grid_vocabulary, fmt.eos_id, DECODED_TOKENS)
+    synchronize(backend.device)
+    steps = max(len(o) for o in outputs)
+    print(f"decoding {len(prompts)} views x {steps} tokens (prompts {min(map(len, prompts))}-"
+          f"{max(map(len, prompts))} tokens): {time.perf_counter() - start:.2f} s", flush=True)
+    cached = outputs[0][:CHECKED_TOKENS].tolist()
+    reference = uncached_greedy(backend, fmt, prompts[0], len(cached))
+    print(f"1. cached decoding {'==' if cached == reference else '!='} uncached: {cached} / {reference}")
+    if cached != reference:
+        failures.append("cached decoding differs from uncached decoding")
+
+    grids = [test_input] + ([task.test_outputs[0]] if task.test_outputs is not None else [])
+    kept, fresh = tally(grids), tally(grids)
+    score_under_views(backend, fmt, kept, views, prompts, InferSettings(), None, [(list(range(len(views))), prefix)])
+    score_under_views(backend, fmt, fresh, views, prompts, InferSettings())
+    kept_scores = np.array([c.view_scores for c in kept])
+    fresh_scores = np.array([c.view_scores for c in fresh])
+    full = np.array([[full_forward_score(backend, fmt, prompt, fmt.encode_answer(view.grid(c.grid)))
+                      for view, prompt in zip(views, prompts)] for c in fresh])
+    prefix_diff = float(np.abs(kept_scores - fresh_scores).max())
+    full_diff = np.abs(fresh_scores - full)
+    print(f"2. scoring: decoding's prefix vs a fresh prefill max |diff| {prefix_diff:.2e} nats; fresh vs full "
+          f"forward max |diff| {full_diff.max():.3f} nats, scores {full.min():.1f} to {full.max():.1f} "
+          f"({len(kept)} candidates x {len(views)} views)")
+    if not prefix_diff <= PREFIX_TOLERANCE:
+        failures.append(f"scores on decoding's prefix differ from a fresh prefill's by {prefix_diff:.2e}")
+    absolute, relative = FULL_TOLERANCE
+    if not bool((full_diff <= absolute + relative * np.abs(full)).all()):
+        failures.append(f"scores differ from full forwards by up to {full_diff.max():.3f} nats")
+    return failures
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--backend", default="auto", choices=("auto", "unsloth", "peft"))
+    args.add_argument("--model", type=Path, help="model directory (default: the embedded default)")
+    args.add_argument("--random-weights", action="store_true", help="the model's config with random weights")
+    args.add_argument("--challenges", type=Path, help="a challenges file instead of the bundled ARC-1 eval set")
+    args.add_argument("--tasks", type=int, default=5, help="the N smallest tasks by token count")
+    args.add_argument("--steps", type=int, default=20, help="TTT steps per task")
+    args.add_argument("--augs", type=int, default=8, help="inference views")
+    opts = args.parse_args()
+    with tempfile.TemporaryDirectory(prefix="random-weights-") as scratch:
+        failures = run_checks(opts, Path(scratch))
+    print("all checks passed" if not failures else "FAILED:\n  " + "\n  ".join(failures))
+    sys.exit(1 if failures else 0)
+
+
+def run_checks(opts: argparse.Namespace, scratch: Path) -> list[str]:
+    """Checks 1-3 as the options say; returns the failures."""
+    model_dir = opts.model or ensure_default_model()
+    if opts.random_weights:
+        model_dir = random_weights(model_dir, scratch)
+    pool = load_challenges(opts.challenges) if opts.challenges else load_bundled("arc1-eval")
+    tasks = sorted(pool.tasks, key=task_tokens)[:opts.tasks]
+    backend = load_backend(model_dir, opts.backend)
+    fmt = GridFormat.from_tokenizer(backend.tokenizer)
+    device = backend.device
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}", flush=True)
+
+    failures = check_inference(backend, fmt, tasks[-1], opts.augs)
+    config = RunConfig(model=model_dir, backend=opts.backend, ttt=TTTSettings(steps=opts.steps, converged_window=0),
+                       infer=InferSettings(augs=opts.augs))
+    memory = MemoryBudget(backend, None, print)
+    for task in tasks:
+        synchronize(device)
+        start = time.perf_counter()
+        try:
+            fitted, plan = memory.fit(task, config)  # as a worker: batch, checkpointing, decoding batch, merging
+            with PeakMemory(device.type) as peak:
+                _, details = solve_task(backend, fmt, task, fitted)
+        except Exception as error:  # noqa: BLE001 - report it and check the other tasks
+            details = {"errors": [repr(error)]}
+        seconds = time.perf_counter() - start
+        if details.get("errors"):
+            failures.append(f"{task.id}: {details['errors']}")
+            print(f"3. {task.id}: FAILED {details['errors']}", flush=True)
+            continue
+        print(f"3. {task.id} ({task_tokens(task)} tokens): {seconds:.1f} s, TTT {details['ttt_steps']} steps "
+              f"{details['ttt_tokens'] / max(details['ttt_seconds'], 1e-9):.0f} tok/s, infer "
+              f"{details['infer_seconds']:.1f} s, peak {peak.peak / 2**20:.0f} MiB "
+              f"(+{peak.added / 2**20:.0f}), checkpointing {plan['checkpointing']}, solved {details.get('solved')}",
+              flush=True)
+    return failures
+
+
+if __name__ == "__main__":
+    main()
