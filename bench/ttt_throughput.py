@@ -123,7 +123,9 @@ def main() -> None:
         for loop, batches, rates, steps, peaks in ((kit_step, bucketed, kit_rates, kit_steps, kit_peaks),
                                                    (naive_step, shuffled, naive_rates, naive_steps, naive_peaks)):
             rate, step_seconds, peak = train_rate(loop, batches, device)
-            rates.append(rate), steps.append(step_seconds), peaks.append(peak)
+            rates.append(rate)
+            steps.append(step_seconds)
+            peaks.append(peak)
         print(f"{task.id} ({task_tokens(task)} tokens): train {kit_rates[-1]:.0f} vs {naive_rates[-1]:.0f} tok/s, "
               f"{kit_steps[-1] * 1e3:.0f} vs {naive_steps[-1] * 1e3:.0f} ms/step, "
               f"peak +{kit_peaks[-1] / 2**20:.0f} vs +{naive_peaks[-1] / 2**20:.0f} MiB", flush=True)

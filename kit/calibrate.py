@@ -42,7 +42,7 @@ def calibrate(config: RunConfig, task_set: TaskSet, log: Callable[[str], None]) 
     task = by_size[len(by_size) // 4]  # a smallish real task: calibration should take about a minute
     rng = task_rng(config.seed, task.id, "calibrate")
     # Train as a run would train this task: the memory plan's batch and checkpointing (on a GPU the backends load
-    # checkpointed, and a step costs 1.3-1.75x more so than what the plan runs where the batch fits).
+    # checkpointed, and a checkpointed step costs 1.3-1.75x one without, which the plan runs where the batch fits).
     config, plan = worker.memory.fit(task, config)
     log(f"calibrating on {task.id}: training batch {plan['train_batch']}, checkpointing "
         f"{'on' if plan['checkpointing'] else 'off'}")
