@@ -5,7 +5,11 @@ caches), runs anywhere; exits 1 when a check fails.
 1. Greedy decoding on the KV cache (`Backend.prefill` + `decode`, all views in one batch) gives the tokens of greedy
    decoding by full forwards without a cache (view 0, the first CHECKED_TOKENS tokens).
 2. Scoring on the prefix decoding used (`score_under_views` with decoding's prefix) equals scoring on a fresh
-   prefill, and a full forward per (candidate, view) pair (candidates: the true output and the test input).
+   prefill, and a full forward per (candidate, view) pair (candidates: the true output and the test input). Scoring
+   through the merged adapter (`Backend.merged_adapter`, as predict runs) lands near scoring through its branch:
+   nearer than MERGE_RATIO of the adapter's own effect (bf16 weights round part of the merged delta away, ~30% of
+   it after 60 steps on this CPU, so merged and branch scores differ by design; an adapter merged twice or not at
+   all would be off by its whole effect). Checks 1-2 run on an adapter trained for TRAIN_STEPS steps.
 3. `solve_task` as a worker runs it (the memory plan's batch and checkpointing; TTT, then predict with the merged
    adapter) on each task with no error, even one that `solve_task` catches per test input: its seconds, training
    tokens/s and peak memory.
@@ -39,12 +43,15 @@ from kit.infer import inference_views, score_under_views, view_prompt  # noqa: E
 from kit.memory import PeakMemory  # noqa: E402
 from kit.solve import solve_task  # noqa: E402
 from kit.tasks import Task, load_bundled, load_challenges  # noqa: E402
+from kit.ttt import train_task  # noqa: E402
 from kit.vote import tally  # noqa: E402
 from kit.weights import ensure_default_model  # noqa: E402
 from kit.workers import MemoryBudget  # noqa: E402
 
 CHECKED_TOKENS = 16  # bf16 near-ties may legitimately part the two decodings later on
 DECODED_TOKENS = 64
+TRAIN_STEPS = 20
+MERGE_RATIO = 0.6
 PREFIX_TOLERANCE = 1e-3  # nats: the same maths on the same prompt
 FULL_TOLERANCE = (0.05, 1e-2)  # nats + relative, against a full forward: another kernel path, in bf16
 
@@ -94,6 +101,7 @@ def full_forward_score(backend: Backend, fmt: GridFormat, prompt: np.ndarray, an
 def check_inference(backend: Backend, fmt: GridFormat, task: Task, views_count: int) -> list[str]:
     """Checks 1 and 2 on the task's first test input; returns the failures."""
     failures = []
+    train_task(backend, fmt, task, TTTSettings(steps=TRAIN_STEPS, converged_window=0), np.random.default_rng(0), seed=0)
     test_input = task.test_inputs[0]
     views, prompts = [], []
     for view in inference_views(np.random.default_rng(0), views_count, len(task.train)):
@@ -132,6 +140,18 @@ def check_inference(backend: Backend, fmt: GridFormat, task: Task, views_count: 
     absolute, relative = FULL_TOLERANCE
     if not bool((full_diff <= absolute + relative * np.abs(full)).all()):
         failures.append(f"scores differ from full forwards by up to {full_diff.max():.3f} nats")
+    merged, base = tally(grids), tally(grids)
+    with backend.merged_adapter():
+        score_under_views(backend, fmt, merged, views, prompts, InferSettings())
+    with backend.model.disable_adapter():
+        score_under_views(backend, fmt, base, views, prompts, InferSettings())
+    merge_error = np.abs(np.array([c.view_scores for c in merged]) - fresh_scores).sum()
+    adapter_effect = np.abs(np.array([c.view_scores for c in base]) - fresh_scores).sum()
+    print(f"   merged adapter vs its branch: {merge_error:.2f} nats in all, against the adapter's own effect "
+          f"{adapter_effect:.2f} (ratio {merge_error / adapter_effect:.2f})")
+    if not merge_error < MERGE_RATIO * adapter_effect:
+        failures.append(f"the merged adapter scores {merge_error:.2f} nats from its branch, the adapter's effect "
+                        f"being {adapter_effect:.2f}")
     return failures
 
 
