@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ttt_throughput import synchronize  # noqa: E402
 
-from kit.backend import Backend, load_backend  # noqa: E402
+from kit.backend import Backend, index_in, load_backend  # noqa: E402
 from kit.config import InferSettings, RunConfig, TTTSettings  # noqa: E402
 from kit.format import GridFormat, task_tokens  # noqa: E402
-from kit.infer import inference_views, score_under_views, view_prompt  # noqa: E402
+from kit.infer import inference_views, score_under_views, view_prompts  # noqa: E402
 from kit.memory import PeakMemory  # noqa: E402
 from kit.solve import solve_task  # noqa: E402
 from kit.tasks import Task, load_bundled, load_challenges  # noqa: E402
@@ -94,8 +94,8 @@ def full_forward_score(backend: Backend, fmt: GridFormat, prompt: np.ndarray, an
     """log p(answer | prompt) over the grid vocabulary from one forward of prompt + answer."""
     ids = torch.from_numpy(np.concatenate([prompt, answer])).to(backend.device)
     log_probs = reference_log_probs(backend, fmt, ids)[len(prompt) - 1:-1]
-    positions = [fmt.grid_vocabulary.index(int(token)) for token in answer]
-    return float(log_probs[torch.arange(len(answer)), positions].sum())
+    positions = index_in(ids[len(prompt):], torch.tensor(fmt.grid_vocabulary, device=backend.device))
+    return float(log_probs.gather(1, positions[:, None]).sum())
 
 
 def check_inference(backend: Backend, fmt: GridFormat, task: Task, views_count: int) -> list[str]:
@@ -103,11 +103,9 @@ def check_inference(backend: Backend, fmt: GridFormat, task: Task, views_count: 
     failures = []
     train_task(backend, fmt, task, TTTSettings(steps=TRAIN_STEPS, converged_window=0), np.random.default_rng(0), seed=0)
     test_input = task.test_inputs[0]
-    views, prompts = [], []
-    for view in inference_views(np.random.default_rng(0), views_count, len(task.train)):
-        if (prompt := view_prompt(fmt, task, test_input, view, DECODED_TOKENS, backend.max_length)) is not None:
-            views.append(view)
-            prompts.append(prompt)
+    views, prompts = view_prompts(fmt, task, test_input,
+                                  inference_views(np.random.default_rng(0), views_count, len(task.train)),
+                                  DECODED_TOKENS, backend.max_length)
     synchronize(backend.device)
     start = time.perf_counter()
     prefix = backend.prefill(prompts)

@@ -41,7 +41,7 @@ from kit.augment import task_rng  # noqa: E402
 from kit.backend import load_backend  # noqa: E402
 from kit.config import InferSettings, LoraSettings, RunConfig  # noqa: E402
 from kit.format import GridFormat, GridWatch, answer_budget, task_tokens  # noqa: E402
-from kit.infer import inference_views, inverted_grids, plausible_side, score_under_views, view_prompt  # noqa: E402
+from kit.infer import inference_views, inverted_grids, plausible_side, score_under_views, view_prompts  # noqa: E402
 from kit.memory import PeakMemory  # noqa: E402
 from kit.tasks import load_bundled, load_challenges  # noqa: E402
 from kit.ttt import adamw, bucketed_batches, collate, train_step, training_sequences  # noqa: E402
@@ -135,8 +135,8 @@ def main() -> None:
         test_input = task.test_inputs[0]
         side = plausible_side(task, test_input)
         budget = answer_budget(side)
-        views = inference_views(rng, VIEWS, len(task.train))
-        prompts = [view_prompt(fmt, task, test_input, v, budget, MAX_LENGTH) for v in views]
+        views, prompts = view_prompts(fmt, task, test_input, inference_views(rng, VIEWS, len(task.train)), budget,
+                                      MAX_LENGTH)
         start = time.perf_counter()
         with kit.merged_adapter():  # as kit.infer decodes: on merged weights (the merge is timed too)
             outputs = kit.generate(prompts, fmt.grid_vocabulary, fmt.eos_id, budget, None,

@@ -47,18 +47,26 @@ def view_prompt(fmt: GridFormat, task: Task, test_input: Grid, view: Augmentatio
     return None if demos is None else fmt.encode_prompt(demos, view.grid(test_input))
 
 
+def view_prompts(fmt: GridFormat, task: Task, test_input: Grid, views: list[Augmentation], answer_tokens: int,
+                 max_length: int) -> tuple[list[Augmentation], list[np.ndarray]]:
+    """The views whose prompt leaves room for the answer, and those prompts (the others are dropped)."""
+    kept, prompts = [], []
+    for view in views:
+        if (prompt := view_prompt(fmt, task, test_input, view, answer_tokens, max_length)) is not None:
+            kept.append(view)
+            prompts.append(prompt)
+    return kept, prompts
+
+
 def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, settings: InferSettings,
             rng: np.random.Generator, deadline: float | None = None) -> list[Candidate]:
     """Candidates for one test input, each with its votes and its log-likelihood under every view. At
     `deadline` (a time.monotonic() instant) decoding and scoring stop where they are."""
     side = plausible_side(task, test_input)
     answer_tokens = answer_budget(side)
-    views, prompts = [], []
-    for view in inference_views(rng, settings.augs, len(task.train), settings.keep_background):
-        prompt = view_prompt(fmt, task, test_input, view, answer_tokens, backend.max_length)
-        if prompt is not None:
-            views.append(view)
-            prompts.append(prompt)
+    views, prompts = view_prompts(fmt, task, test_input,
+                                  inference_views(rng, settings.augs, len(task.train), settings.keep_background),
+                                  answer_tokens, backend.max_length)
     # Decoding's prefill serves scoring too; all views' at once where the memory plan's decoding batch holds them.
     keep = len(prompts) <= settings.batch_size
     grids, prefilled = [], []
