@@ -39,7 +39,7 @@ def duration(text: str) -> float:
 
 
 def size(text: str) -> int:
-    from kit.memory import parse_size
+    from kit.memory.estimates import parse_size
 
     try:
         return parse_size(text)

@@ -1,4 +1,4 @@
-"""What the steady CPU allocator (`kit.memory.steady_cpu_allocator`: glibc serves every allocation of 1 MiB or
+"""What the steady CPU allocator (`kit.memory.measure.steady_cpu_allocator`: glibc serves every allocation of 1 MiB or
 more by mmap) costs in speed and saves in peak memory, measured in one run: the same worker jobs (real tasks,
 the default model, TTT and inference) in two fresh processes, one with glibc's default allocator (what the
 workers use), one with the steady allocator.
@@ -26,7 +26,7 @@ def child(mode: str, task_ids: list[str], steps: int) -> None:
     from kit.workers import Job, Worker
 
     if mode == "steady":
-        from kit.memory import steady_cpu_allocator
+        from kit.memory.measure import steady_cpu_allocator
 
         steady_cpu_allocator()
     config = RunConfig(backend="peft", ttt=TTTSettings(steps=steps, converged_window=0))

@@ -2,7 +2,7 @@
 Meant for a GPU session (unsloth's CUDA path differs from its CPU fallback: its own fast forward and per-layer tuple
 caches), runs anywhere; exits 1 when a check fails.
 
-1. Greedy decoding on the KV cache (`Backend.prefill` + `decode`, all views in one batch) gives the tokens of greedy
+1. Greedy decoding on the KV cache (`Backend.prefill` + `kit.decode.greedy`, all views in one batch) gives the tokens of greedy
    decoding by full forwards without a cache (view 0, the first CHECKED_TOKENS tokens).
 2. Scoring on the prefix decoding used (`score_under_views` with decoding's prefix) equals scoring on a fresh
    prefill, and a full forward per (candidate, view) pair (candidates: the true output and the test input). Scoring
@@ -36,11 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ttt_throughput import synchronize  # noqa: E402
 
-from kit.backend import Backend, index_in, load_backend  # noqa: E402
+from kit.backend import Backend, load_backend  # noqa: E402
+from kit.backend.cache import index_in  # noqa: E402
 from kit.config import InferSettings, RunConfig, TTTSettings  # noqa: E402
+from kit.decode import greedy  # noqa: E402
 from kit.format import GridFormat, task_tokens  # noqa: E402
 from kit.infer import inference_views, score_under_views, view_prompts  # noqa: E402
-from kit.memory import PeakMemory  # noqa: E402
+from kit.memory.measure import PeakMemory  # noqa: E402
 from kit.solve import solve_task  # noqa: E402
 from kit.tasks import Task, load_bundled, load_challenges  # noqa: E402
 from kit.ttt import train_task  # noqa: E402
@@ -109,7 +111,7 @@ def check_inference(backend: Backend, fmt: GridFormat, task: Task, views_count: 
     synchronize(backend.device)
     start = time.perf_counter()
     prefix = backend.prefill(prompts)
-    outputs = backend.decode(prefix, fmt.grid_vocabulary, fmt.eos_id, DECODED_TOKENS)
+    outputs = greedy(backend, prefix, fmt.grid_vocabulary, fmt.eos_id, DECODED_TOKENS)
     synchronize(backend.device)
     steps = max(len(o) for o in outputs)
     print(f"decoding {len(prompts)} views x {steps} tokens (prompts {min(map(len, prompts))}-"
@@ -190,7 +192,7 @@ def run_checks(opts: argparse.Namespace, scratch: Path) -> list[str]:
         synchronize(device)
         start = time.perf_counter()
         try:
-            fitted, plan = memory.fit(task, config)  # as a worker: batch, checkpointing, decoding batch, merging
+            fitted, plan = memory.plan_task(task, config)  # as a worker: batch, checkpointing, decoding batch, merging
             with PeakMemory(device.type) as peak:
                 _, details = solve_task(backend, fmt, task, fitted)
         except Exception as error:  # noqa: BLE001 - report it and check the other tasks

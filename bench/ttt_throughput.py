@@ -40,9 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kit.augment import task_rng  # noqa: E402
 from kit.backend import load_backend  # noqa: E402
 from kit.config import InferSettings, LoraSettings, RunConfig  # noqa: E402
+from kit.decode import generate  # noqa: E402
 from kit.format import GridFormat, GridWatch, answer_budget, task_tokens  # noqa: E402
-from kit.infer import inference_views, inverted_grids, plausible_side, score_under_views, view_prompts  # noqa: E402
-from kit.memory import PeakMemory  # noqa: E402
+from kit.infer import inference_views, inverted_grids, score_under_views, view_prompts  # noqa: E402
+from kit.memory.measure import PeakMemory  # noqa: E402
+from kit.shapes import plausible_side  # noqa: E402
 from kit.tasks import load_bundled, load_challenges  # noqa: E402
 from kit.ttt import adamw, bucketed_batches, collate, train_step, training_sequences  # noqa: E402
 from kit.vote import tally  # noqa: E402
@@ -139,8 +141,8 @@ def main() -> None:
                                       MAX_LENGTH)
         start = time.perf_counter()
         with kit.merged_adapter():  # as kit.infer decodes: on merged weights (the merge is timed too)
-            outputs = kit.generate(prompts, fmt.grid_vocabulary, fmt.eos_id, budget, None,
-                                   GridWatch(fmt, len(prompts), side).step)
+            outputs = generate(kit, prompts, fmt.grid_vocabulary, fmt.eos_id, budget, None,
+                               GridWatch(fmt, len(prompts), side).step)
         kit_grids.append(len(prompts) / (time.perf_counter() - start))
         start = time.perf_counter()
         naive_model.eval()

@@ -31,7 +31,7 @@ def child(model_dir: Path, backend_name: str, task_ids: list[str], steps: int) -
     from kit.config import InferSettings, TTTSettings
     from kit.format import GridFormat
     from kit.infer import predict
-    from kit.memory import PeakMemory
+    from kit.memory.measure import PeakMemory
     from kit.tasks import load_bundled
     from kit.ttt import train_task
 

@@ -21,15 +21,16 @@ TRAIN_STEPS = 3  # timed steps per batch size, after one untimed warm-up step
 DECODE_ROWS = (1, 8)
 
 
-def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+def least_squares_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares intercept and slope, both clamped to >= 0 (noise must not make a cost negative)."""
     slope, intercept = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
     return max(0.0, float(intercept)), max(1e-9, float(slope))
 
 
 def calibrate(config: RunConfig, task_set: TaskSet, log: Callable[[str], None]) -> Profile:
+    from kit.decode import generate
     from kit.format import task_tokens
-    from kit.ttt import TTTResult, bucketed_batches, fit, training_sequences
+    from kit.ttt import TTTResult, bucketed_batches, train_on_batches, training_sequences
     from kit.workers import Worker
 
     if not task_set.tasks:
@@ -43,7 +44,7 @@ def calibrate(config: RunConfig, task_set: TaskSet, log: Callable[[str], None]) 
     rng = task_rng(config.seed, task.id, "calibrate")
     # Train as a run would train this task: the memory plan's batch and checkpointing (on a GPU the backends load
     # checkpointed, and a checkpointed step costs 1.3-1.75x one without, which the plan runs where the batch fits).
-    config, plan = worker.memory.fit(task, config)
+    config, plan = worker.memory.plan_task(task, config)
     log(f"calibrating on {task.id}: training batch {plan['train_batch']}, checkpointing "
         f"{'on' if plan['checkpointing'] else 'off'}")
 
@@ -52,13 +53,13 @@ def calibrate(config: RunConfig, task_set: TaskSet, log: Callable[[str], None]) 
         sequences = training_sequences(fmt, task, batch_size * (TRAIN_STEPS + 1), backend.max_length, rng)
         batches = bucketed_batches(sequences, batch_size, rng)
         settings = replace(config.ttt, converged_window=0)
-        fit(backend, fmt, batches[:1], settings, None, TTTResult())  # warm-up: first-call allocations
+        train_on_batches(backend, fmt, batches[:1], settings, None, TTTResult())  # warm-up: first-call allocations
         t0 = time.perf_counter()
-        fit(backend, fmt, batches[1:], settings, None, TTTResult())
+        train_on_batches(backend, fmt, batches[1:], settings, None, TTTResult())
         per_step = (time.perf_counter() - t0) / len(batches[1:])
         tokens.append(float(np.mean([sum(len(ids) for ids, _ in b) for b in batches[1:]])))
         seconds.append(per_step)
-    step_s, per_token = fit_line(tokens, seconds)
+    step_s, per_token = least_squares_line(tokens, seconds)
 
     prompt = fmt.encode_prompt(task.train, task.test_inputs[0])
     answer = fmt.encode_answer(task.train[0].output)
@@ -70,11 +71,11 @@ def calibrate(config: RunConfig, task_set: TaskSet, log: Callable[[str], None]) 
     rows_list, per_decode_step = [], []
     for rows in DECODE_ROWS:
         t0 = time.perf_counter()
-        outputs = backend.generate([prompt] * rows, fmt.grid_vocabulary, fmt.eos_id, 64)
+        outputs = generate(backend, [prompt] * rows, fmt.grid_vocabulary, fmt.eos_id, 64)
         elapsed = time.perf_counter() - t0 - rows * len(prompt) / prefill_rate
         per_decode_step.append(max(elapsed, 0.0) / max(1, max(len(o) for o in outputs)))
         rows_list.append(rows)
-    decode_step_s, decode_row_s = fit_line(rows_list, per_decode_step)
+    decode_step_s, decode_row_s = least_squares_line(rows_list, per_decode_step)
 
     profile = Profile(device=str(backend.device), model=str(config.model or "embedded default"),
                       train_tokens_per_s=1.0 / per_token, train_step_s=step_s, prefill_tokens_per_s=prefill_rate,

@@ -59,7 +59,7 @@ def answer_budget(side: int) -> int:
     return grid_tokens((side, side)) + 1
 
 
-def fit_demos(demos: Sequence[Pair], query_input: Grid, answer_tokens: int, max_tokens: int,
+def demos_that_fit(demos: Sequence[Pair], query_input: Grid, answer_tokens: int, max_tokens: int,
               bos: bool = True) -> list[Pair] | None:
     """The demonstrations that fit with the query and an answer of `answer_tokens` in `max_tokens`: the longest
     are dropped first, order kept. None when the query alone does not fit."""

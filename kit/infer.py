@@ -2,7 +2,6 @@
 answer back, then score every distinct candidate under every view (product of experts) for vote.py."""
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING
 
@@ -10,8 +9,10 @@ import numpy as np
 
 from kit.augment import NUM_SYMMETRIES, Augmentation, random_augmentation
 from kit.config import InferSettings
-from kit.format import FormatError, GridFormat, GridWatch, answer_budget, fit_demos
-from kit.grids import MAX_SIDE, Grid
+from kit.decode import greedy
+from kit.format import FormatError, GridFormat, GridWatch, answer_budget, demos_that_fit
+from kit.grids import Grid
+from kit.shapes import plausible_side
 from kit.tasks import Task
 from kit.vote import Candidate, tally
 
@@ -27,22 +28,10 @@ def inference_views(rng: np.random.Generator, count: int, num_demos: int, keep_b
     return [Augmentation(), *others]
 
 
-PLAUSIBLE_MARGIN = 1.25  # ARC-1/2 eval outputs up to a quarter larger than every demonstration's side exist
-
-
-def plausible_side(task: Task, test_input: Grid) -> int:
-    """The longest side a test output could plausibly have: the larger of the demonstrations' outputs and the
-    test input scaled as the demonstrations scale their inputs, plus a margin. Caps decoding length."""
-    scale = max(max(p.output.shape) / max(p.input.shape) for p in task.train)
-    demo_side = max(max(p.output.shape) for p in task.train)
-    side = max(demo_side, math.ceil(max(test_input.shape) * scale))
-    return min(MAX_SIDE, math.ceil(side * PLAUSIBLE_MARGIN))
-
-
 def view_prompt(fmt: GridFormat, task: Task, test_input: Grid, view: Augmentation, answer_tokens: int,
                 max_length: int) -> np.ndarray | None:
     """The prompt of a test input under a view, demonstrations dropped to leave room for the answer."""
-    demos = fit_demos(view.pairs(task.train), view.grid(test_input), answer_tokens, max_length,
+    demos = demos_that_fit(view.pairs(task.train), view.grid(test_input), answer_tokens, max_length,
                       bos=fmt.bos_id is not None)
     return None if demos is None else fmt.encode_prompt(demos, view.grid(test_input))
 
@@ -74,7 +63,7 @@ def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, set
         if n and past(deadline):
             break
         prefix = backend.prefill([prompts[i] for i in group])
-        outputs = backend.decode(prefix, fmt.grid_vocabulary, fmt.eos_id, answer_tokens, deadline,
+        outputs = greedy(backend, prefix, fmt.grid_vocabulary, fmt.eos_id, answer_tokens, deadline,
                                  GridWatch(fmt, len(group), side).step)
         if keep:
             prefilled.append((group, prefix))

@@ -15,7 +15,6 @@ The adapter lands in `OUT/adapter/`; merge it with `python -m kit.pack --adapter
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kit.atomic import atomic_file, write_json_atomic
 from kit.tasks import Task, evaluation_ids, load_bundled, load_challenges
 from kit.ttt import adamw, bucketed_batches, collate, lr_factor, train_step, training_sequences
 
@@ -108,9 +108,8 @@ def save_checkpoint(backend, optimizer, schedule, state: dict, directory: Path) 
     staging = staging_of(directory)
     shutil.rmtree(staging, ignore_errors=True)
     backend.model.save_pretrained(staging)
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), **state},
-               staging / "state.pt.tmp")
-    (staging / "state.pt.tmp").replace(staging / "state.pt")  # written last: a staging copy with it is whole
+    with atomic_file(staging / "state.pt", "wb") as f:  # written last: a staging copy with it is whole
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), **state}, f)
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)
 
@@ -195,7 +194,7 @@ def pretune(settings: PretuneSettings, log=print) -> Path:
                "held_out_ids": [t.id for t in held], "held_out_loss": state["held_out"],
                "final_loss": float(np.mean(state["losses"][-20:])), "seconds_this_run": time.monotonic() - start,
                "command": " ".join(["python -m kit.pretune", *sys.argv[1:]])}
-    (settings.out / "pretune.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    write_json_atomic(settings.out / "pretune.json", summary, indent=2, default=str)
     log(f"adapter saved to {adapter}; held-out loss {state['held_out'][-1][1] if state['held_out'] else 'n/a'}")
     return adapter
 

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from kit.atomic import write_text_atomic
 from kit.grids import Grid
 from kit.results import log_path, read_task_records, summary_path
 from kit.schedule import format_duration
@@ -415,9 +416,7 @@ def write_report(run: Path, out: Path | None = None) -> Path:
     `<stem>.report.html` beside the submission; return the path written."""
     data = load_run(Path(run))
     out = out or data.submission_path.with_name(data.submission_path.stem + ".report.html")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render(data), encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, render(data))
     return out
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kit.atomic import write_json_atomic, write_text_atomic
 from kit.grids import to_json
-from kit.submission import Attempts, build_submission, validate_submission, write_json_atomic
+from kit.submission import Attempts, build_submission, validate_submission
 
 
 class ResultsStore:
@@ -91,6 +92,4 @@ def summary_path(out: Path) -> Path:
 
 def write_json_lines(path: Path, records: list[dict]) -> None:
     """Replace a JSONL file atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))

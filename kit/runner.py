@@ -13,10 +13,11 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Callable, Iterator
 
+from kit.atomic import write_json_atomic
 from kit.config import RunConfig
 from kit.results import ResultsStore, summary_path
 from kit.schedule import Assignment, Planner, Profile, TaskEstimate, format_duration, plan_summary
-from kit.submission import Score, baseline_attempts, score_submission, solutions_of, write_json_atomic
+from kit.submission import Score, baseline_attempts, score_submission, solutions_of
 from kit.tasks import Task, TaskSet, attach_solutions, load_bundled, load_challenges, load_solutions
 from kit.weights import check_model_dir, ensure_default_model
 
@@ -97,7 +98,7 @@ def print_plan(config: RunConfig, task_set: TaskSet, log: Callable[[str], None])
     final = []
     for a in plan:
         w = free.index(min(free))
-        a = planner.fit(estimates[a.task_id], a, end - free[w])
+        a = planner.within(estimates[a.task_id], a, end - free[w])
         free[w] += a.seconds
         final.append(a)
         log(f"{a.task_id:<12} {a.steps:>5} {a.views:>5} {a.seconds / 60:>8.2f} {format_duration(free[w]):>10}")
@@ -155,7 +156,7 @@ def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started
                 a = queue.pop(0)
                 now = time.monotonic()
                 if deadline is not None:
-                    a = planner.fit(estimates[a.task_id], a, deadline - now)
+                    a = planner.within(estimates[a.task_id], a, deadline - now)
                 if not a.runs_model:
                     at = round(now - started, 3)
                     store.record(a.task_id, baseline_attempts(tasks[a.task_id]),

@@ -20,9 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from kit.format import answer_budget, fit_demos, grid_tokens, sequence_tokens
-from kit.grids import Grid
-from kit.infer import plausible_side
+from kit.format import answer_budget, demos_that_fit, grid_tokens, sequence_tokens
+from kit.shapes import expected_output_shape, plausible_side
 from kit.tasks import Task
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*([hms])")
@@ -82,7 +81,7 @@ class Profile:
         return tests * (prefill + decode + scoring)
 
     def save(self, path: Path) -> None:
-        from kit.submission import write_json_atomic
+        from kit.atomic import write_json_atomic
 
         write_json_atomic(path, asdict(self))
 
@@ -125,22 +124,6 @@ class Difficulty:
         return exact * selected * (1.0 if shape_known else self.unknown_shape)
 
 
-def expected_output_shape(task: Task, test_input: Grid) -> tuple[int, int] | None:
-    """The output shape the demonstrations imply for this input (same as the input, a constant, or the same
-    scale factor), or None when they follow no such rule. Never looks at the test outputs."""
-    ins = [p.input.shape for p in task.train]
-    outs = [p.output.shape for p in task.train]
-    if all(i == o for i, o in zip(ins, outs)):
-        return test_input.shape
-    if len(set(outs)) == 1:
-        return outs[0]
-    ratios = {(o[0] / i[0], o[1] / i[1]) for i, o in zip(ins, outs)}
-    if len(ratios) == 1:
-        (rh, rw), = ratios
-        return max(1, round(test_input.shape[0] * rh)), max(1, round(test_input.shape[1] * rw))
-    return None
-
-
 @dataclass(frozen=True)
 class TaskEstimate:
     """Shape-derived sizes of one task (no tokenizer, no model, no solutions)."""
@@ -158,7 +141,7 @@ class TaskEstimate:
         loo = []
         for i, query in enumerate(task.train):
             others = task.train[:i] + task.train[i + 1:]
-            demos = fit_demos(others, query.input, grid_tokens(query.output.shape) + 1, max_length) or []
+            demos = demos_that_fit(others, query.input, grid_tokens(query.output.shape) + 1, max_length) or []
             loo.append(min(max_length, sequence_tokens(demos, query.input, query.output.shape)))
         answers, known = 0.0, True
         for grid in task.test_inputs:
@@ -313,7 +296,7 @@ class Planner:
         return Assignment(est.task_id, level.steps, level.views, sum(self.costs(est, level)),
                           self.expected(est, level))
 
-    def fit(self, est: TaskEstimate, assignment: Assignment, seconds_left: float) -> Assignment:
+    def within(self, est: TaskEstimate, assignment: Assignment, seconds_left: float) -> Assignment:
         """The assignment itself if it fits in `seconds_left`, else the most valuable lower level that does
         (fewer steps, fewer views, at last the fallback): the run never starts what it cannot finish."""
         if assignment.seconds <= seconds_left:

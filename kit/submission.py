@@ -1,13 +1,10 @@
-"""submission.json: build with fallbacks, write atomically, validate against the challenges, score.
+"""submission.json: build with fallbacks, validate against the challenges, score (kit.atomic writes it).
 
 Kaggle's format: {task_id: [{"attempt_1": grid, "attempt_2": grid}, ...one per test input, in order]}.
 A test output counts as solved if either attempt equals it exactly.
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,23 +39,6 @@ def build_submission(test_counts: dict[str, int], answers: dict[str, list[Attemp
             entries.append({"attempt_1": a1, "attempt_2": a2})
         submission[task_id] = entries
     return submission
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write to a temp file beside `path`, fsync, rename: a kill at any instant leaves the old or new file whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it private; a submission is read by other tools and users
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def validate_submission(submission: Any, test_counts: dict[str, int], where: str) -> None:

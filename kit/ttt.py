@@ -17,7 +17,7 @@ import torch
 
 from kit.augment import leave_one_out
 from kit.config import TTTSettings
-from kit.format import IGNORE, GridFormat, fit_demos, grid_tokens
+from kit.format import IGNORE, GridFormat, demos_that_fit, grid_tokens
 from kit.tasks import Task
 
 if TYPE_CHECKING:  # the backend imports torch and transformers; only its type is needed here
@@ -42,7 +42,7 @@ def training_sequences(fmt: GridFormat, task: Task, count: int, max_length: int,
     and an example whose query alone is too long is left out."""
     sequences = []
     for ex in leave_one_out(task, rng, count, keep_background):
-        demos = fit_demos(ex.demos, ex.query.input, grid_tokens(ex.query.output.shape) + 1, max_length,
+        demos = demos_that_fit(ex.demos, ex.query.input, grid_tokens(ex.query.output.shape) + 1, max_length,
                           bos=fmt.bos_id is not None)
         if demos is not None:
             sequences.append(fmt.encode_example(demos, ex.query))
@@ -80,14 +80,14 @@ def train_task(backend: Backend, fmt: GridFormat, task: Task, settings: TTTSetti
         sequences = training_sequences(fmt, task, settings.steps * settings.batch_size, length, rng,
                                        settings.keep_background)
         if sequences:
-            fit(backend, fmt, bucketed_batches(sequences, settings.batch_size, rng), settings, deadline, result)
+            train_on_batches(backend, fmt, bucketed_batches(sequences, settings.batch_size, rng), settings, deadline, result)
         else:
             result.stopped = "no data"
     result.seconds = time.monotonic() - start
     return result
 
 
-def fit(backend: Backend, fmt: GridFormat, batches: list[list[Sequence]], settings: TTTSettings,
+def train_on_batches(backend: Backend, fmt: GridFormat, batches: list[list[Sequence]], settings: TTTSettings,
         deadline: float | None, result: TTTResult) -> None:
     """The training loop proper: AdamW, linear warm-up then decay, gradient clipping; records into `result`."""
     optimizer = adamw(backend.trainable_parameters(), settings.lr)

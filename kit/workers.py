@@ -17,19 +17,16 @@ from typing import Any
 
 from kit.config import RunConfig
 from kit.format import answer_budget, sequence_tokens
-from kit.infer import plausible_side
-from kit.memory import (
+from kit.memory.estimates import (
     ModelDims,
-    PeakMemory,
-    available_memory,
     decoding_batch,
     decoding_bytes,
     format_size,
     plan_training,
-    resident_memory,
-    trim_cpu_heap,
     uses_eager_attention,
 )
+from kit.memory.measure import PeakMemory, available_memory, resident_memory, trim_cpu_heap
+from kit.shapes import plausible_side
 from kit.submission import Attempts, baseline_attempts
 from kit.tasks import Task
 
@@ -96,7 +93,7 @@ class Worker:
             try:
                 if self.backend.device.type == "cpu":
                     trim_cpu_heap()
-                config, plan = self.memory.fit(job.task, config)
+                config, plan = self.memory.plan_task(job.task, config)
                 with PeakMemory(self.backend.device.type) as peak:
                     attempts, details = solve.solve_task(self.backend, self.fmt, job.task, config,
                                                          job.ttt_deadline, job.deadline)
@@ -137,17 +134,17 @@ class Worker:
             torch.cuda.empty_cache()
 
 
-# On a CPU glibc's heap keeps freed activations between live ones, so the resident set grows above kit/memory.py's
-# estimates of what a task adds: measured with the default model 1.18x (d5c634a2, 4x710 tokens, no checkpointing),
-# 2.0x (the same, checkpointed), up to 2.6x in kit/memory.py's own measurements. Plans on a CPU leave that room.
-# `memory.steady_cpu_allocator` would make the estimates upper bounds but doubled a task's time
-# (bench/cpu_allocator.py), so workers instead trim the heap before each task (`trim_cpu_heap`).
+# On a CPU glibc's heap keeps freed activations between live ones, so the resident set grows above the estimates
+# (kit/memory/estimates.py) of what a task adds: measured with the default model 1.18x (d5c634a2, 4x710 tokens, no
+# checkpointing), 2.0x (the same, checkpointed), up to 2.6x in the estimates' own measurements. Plans on a CPU leave
+# that room. `steady_cpu_allocator` (kit/memory/measure.py) would make the estimates upper bounds but doubled a
+# task's time (bench/cpu_allocator.py), so workers instead trim the heap before each task (`trim_cpu_heap`).
 CPU_HEAP_SLACK = 2.6
 
 
 class MemoryBudget:
     """The memory a worker may use, and per task the training shape and decoding batch that stay inside it
-    (kit/memory.py's estimates from the model's dimensions and what the process already holds)."""
+    (kit/memory/estimates.py's estimates from the model's dimensions and what the process already holds)."""
 
     def __init__(self, backend: Any, budget: int | None, log: Callable[[str], None]):
         base = backend.model.get_base_model()
@@ -164,7 +161,7 @@ class MemoryBudget:
         log(f"memory budget {format_size(self.budget)} ({'given' if budget else 'free on the device'}), "
             f"{format_size(resident_memory(self.device))} held by the loaded model")
 
-    def fit(self, task: Task, config: RunConfig) -> tuple[RunConfig, dict]:
+    def plan_task(self, task: Task, config: RunConfig) -> tuple[RunConfig, dict]:
         """`config` with the batch size, training length and decoding batch that fit, checkpointing set on the
         backend; and the plan, for the log. No training shape fits: no TTT. No decoding fits: MemoryError."""
         resident = resident_memory(self.device)

@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kit.backend import IGNORE, Backend, LoraSettings, load_backend
+from kit.backend import Backend, LoraSettings, load_backend
+from kit.decode import generate, greedy
+from kit.format import IGNORE
 from kit.weights import ensure_default_model, offline_environment
 
 # The peft cases import transformers before the unsloth cases import unsloth; on CPU unsloth patches nothing
@@ -122,7 +124,7 @@ def test_reset_gives_a_fresh_adapter_and_training_leaves_the_base_alone(backend:
     backend.reset_lora(7)
     fresh = [p.detach().clone() for p in backend.trainable_parameters()]
     fresh_scores = pair_scores(backend, prompts, answers, None)
-    fresh_tokens = backend.generate(prompts, GRID_VOCAB, EOS, 6)
+    fresh_tokens = generate(backend, prompts, GRID_VOCAB, EOS, 6)
     np.testing.assert_allclose(fresh_scores, base_scores, rtol=1e-6)  # B = 0: the adapter is a no-op
 
     train_steps(backend, 5, rng)
@@ -133,7 +135,7 @@ def test_reset_gives_a_fresh_adapter_and_training_leaves_the_base_alone(backend:
     assert all(torch.equal(p, q) for p, q in zip(backend.trainable_parameters(), fresh))
     assert all(p.grad is None for p in backend.trainable_parameters())
     np.testing.assert_array_equal(pair_scores(backend, prompts, answers, None), fresh_scores)
-    for got, want in zip(backend.generate(prompts, GRID_VOCAB, EOS, 6), fresh_tokens):
+    for got, want in zip(generate(backend, prompts, GRID_VOCAB, EOS, 6), fresh_tokens):
         np.testing.assert_array_equal(got, want)
 
     backend.reset_lora(8)
@@ -227,29 +229,29 @@ def test_generate_stays_in_vocab_respects_limits_and_batches_exactly(backend: Ba
     backend.reset_lora(0)
     prompts = random_rows(np.random.default_rng(7), [5, 13, 9, 1])
     vocab = [*DIGITS[:4], EOS]
-    batched = backend.generate(prompts, vocab, EOS, 10)
+    batched = generate(backend, prompts, vocab, EOS, 10)
     for prompt, got in zip(prompts, batched):
         assert got.dtype == np.int64 and 1 <= len(got) <= 10 and set(got.tolist()) <= set(vocab)
         assert EOS not in got[:-1].tolist() and (len(got) == 10 or got[-1] == EOS)
-        np.testing.assert_array_equal(backend.generate([prompt], vocab, EOS, 10)[0], got)
+        np.testing.assert_array_equal(generate(backend, [prompt], vocab, EOS, 10)[0], got)
 
 
 def test_generate_stops_each_row_at_its_first_eos_or_where_given_up_on(backend: Backend) -> None:
     backend.reset_lora(0)
     prompts = random_rows(np.random.default_rng(8), [6, 11])
-    free = backend.generate(prompts, GRID_VOCAB, EOS, 12)
+    free = generate(backend, prompts, GRID_VOCAB, EOS, 12)
     stop = int(free[0][len(free[0]) // 2])  # a token row 0 does emit: declare it the EOS
-    stopped = backend.generate(prompts, GRID_VOCAB, stop, 12)
+    stopped = generate(backend, prompts, GRID_VOCAB, stop, 12)
     for row, got in zip(free, stopped):
         cut = np.flatnonzero(row == stop)
         np.testing.assert_array_equal(got, row[: cut[0] + 1] if len(cut) else row)
-    assert len(backend.generate(prompts, [EOS], EOS, 12)[0]) == 1
+    assert len(generate(backend, prompts, [EOS], EOS, 12)[0]) == 1
 
     with pytest.raises(ValueError, match="not in the decoding vocabulary"):
-        backend.generate(prompts, DIGITS, EOS, 4)
+        generate(backend, prompts, DIGITS, EOS, 4)
 
     prompts = random_rows(np.random.default_rng(22), [6, 11, 8])  # uneven prompts; rows leave at different steps
-    free = backend.generate(prompts, GRID_VOCAB, EOS, 12)
+    free = generate(backend, prompts, GRID_VOCAB, EOS, 12)
     assert all(EOS not in row[:5] for row in free)
     seen = []
 
@@ -257,14 +259,14 @@ def test_generate_stops_each_row_at_its_first_eos_or_where_given_up_on(backend: 
         seen.append(tokens.copy())
         return np.array([len(seen) >= 3, False, len(seen) >= 5])
 
-    cut = backend.generate(prompts, GRID_VOCAB, EOS, 12, give_up=give_up_on_rows_0_and_2)
+    cut = generate(backend, prompts, GRID_VOCAB, EOS, 12, give_up=give_up_on_rows_0_and_2)
     for got, want in zip(cut, [free[0][:3], free[1], free[2][:5]]):  # given up on: ends there, without EOS
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.stack(seen)[:, 1], cut[1][:len(seen)])
 
 
 def test_cache_rows_copies_the_rows_asked_for_in_either_cache_form() -> None:
-    from kit.backend import cache_rows
+    from kit.backend.cache import cache_rows
 
     keys_values = [(torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)) for _ in range(2)]
     rows = torch.tensor([2, 0, 2])
@@ -297,7 +299,7 @@ def test_score_is_the_summed_log_prob_of_a_plain_forward(backend: Backend, vocab
         targets = torch.tensor(answer if vocab is None else [vocab.index(t) for t in answer])
         expected = log_probs.gather(1, targets[:, None]).sum().item()
         assert value == pytest.approx(expected, rel=1e-5, abs=1e-4)
-    backend.decode(prefix, GRID_VOCAB, EOS, 5)  # decoding leaves the prefix as it found it
+    greedy(backend, prefix, GRID_VOCAB, EOS, 5)  # decoding leaves the prefix as it found it
     np.testing.assert_allclose(backend.score(prefix, rows[::-1], answers[::-1], vocab), got[::-1], rtol=1e-5)
     with pytest.raises(ValueError, match="exceeds max_length"):
         backend.score(prefix, [1], [np.zeros(backend.max_length - 11, np.int64)], vocab)
@@ -312,7 +314,7 @@ def test_real_default_model_generates_and_scores() -> None:
     vocab = [*digits, newline, eos]
     prompt = tokenizer.encode("I\n12\n34\nO\n21\n43\n", add_special_tokens=False) + [eos]
     prompt = np.array(prompt + tokenizer.encode("I\n56\n78\nO\n", add_special_tokens=False), dtype=np.int64)
-    [out] = backend.generate([prompt], vocab, eos, 8)
+    [out] = generate(backend, [prompt], vocab, eos, 8)
     assert 1 <= len(out) <= 8 and set(out.tolist()) <= set(vocab)
     answer = np.array(tokenizer.encode("65\n87\n", add_special_tokens=False) + [eos], dtype=np.int64)
     scores = backend.score(backend.prefill([prompt]), [0, 0], [answer, out], vocab)
@@ -342,12 +344,12 @@ def test_compiled_training_matches_eager_without_recompiling(tiny_dir) -> None:
         return out
 
     eager, eager_scores = losses_and_grads(), pair_scores(backend, prompts, prompts, GRID_VOCAB)
-    eager_tokens = backend.generate(prompts, GRID_VOCAB, EOS, 6)
+    eager_tokens = generate(backend, prompts, GRID_VOCAB, EOS, 6)
     assert backend.compile_training() > 0 and backend.compiled
     with torch.compiler.set_stance("fail_on_recompile"):
         compiled = losses_and_grads()
         np.testing.assert_allclose(pair_scores(backend, prompts, prompts, GRID_VOCAB), eager_scores, rtol=1e-6)
-        for got, want in zip(backend.generate(prompts, GRID_VOCAB, EOS, 6), eager_tokens):
+        for got, want in zip(generate(backend, prompts, GRID_VOCAB, EOS, 6), eager_tokens):
             np.testing.assert_array_equal(got, want)
     for (loss, grads), (want_loss, want_grads) in zip(compiled, eager):
         torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
@@ -387,7 +389,7 @@ def test_long_passes_switch_to_sdpa_with_the_same_maths(backend: Backend, monkey
     eager_scores = pair_scores(backend, prompts, answers, GRID_VOCAB)
     monkeypatch.setattr(backend, "sdpa_from", 16)  # the prompts' prefill runs sdpa, the answers' pass grouped
     np.testing.assert_allclose(pair_scores(backend, prompts, answers, GRID_VOCAB), eager_scores, rtol=1e-5)
-    backend.generate(prompts, GRID_VOCAB, EOS, 2)
+    generate(backend, prompts, GRID_VOCAB, EOS, 2)
     assert kernel._attn_implementation == backend.decode_attention == "eager_grouped"
 
 
@@ -399,9 +401,9 @@ def test_grouped_eager_decoding_and_scoring_match_transformers_eager(backend: Ba
     rng = np.random.default_rng(21)
     prompts, answers = random_rows(rng, [11, 6, 15]), random_rows(rng, [4, 7, 2])
     assert backend.decode_attention == "eager_grouped"
-    grouped = backend.generate(prompts, GRID_VOCAB, EOS, 8), pair_scores(backend, prompts, answers, GRID_VOCAB)
+    grouped = generate(backend, prompts, GRID_VOCAB, EOS, 8), pair_scores(backend, prompts, answers, GRID_VOCAB)
     monkeypatch.setattr(backend, "decode_attention", "eager")
-    eager = backend.generate(prompts, GRID_VOCAB, EOS, 8), pair_scores(backend, prompts, answers, GRID_VOCAB)
+    eager = generate(backend, prompts, GRID_VOCAB, EOS, 8), pair_scores(backend, prompts, answers, GRID_VOCAB)
     for got, want in zip(grouped[0], eager[0]):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(grouped[1], eager[1], rtol=1e-5)
@@ -431,12 +433,12 @@ def test_merged_adapter_infers_the_same_and_gives_the_base_back_untouched(backen
         assert all(p is weights[n] for n, p in backend.model.named_parameters() if "lora_" not in n)
 
     train_steps(backend, 3, np.random.default_rng(18))
-    scores, tokens = pair_scores(backend, prompts, answers, GRID_VOCAB), backend.generate(prompts, GRID_VOCAB, EOS, 6)
+    scores, tokens = pair_scores(backend, prompts, answers, GRID_VOCAB), generate(backend, prompts, GRID_VOCAB, EOS, 6)
     with backend.merged_adapter():
         swapped = [n for n, p in backend.model.named_parameters() if "lora_" not in n and p is not weights[n]]
         assert swapped and all("proj" in n for n in swapped)
         np.testing.assert_allclose(pair_scores(backend, prompts, answers, GRID_VOCAB), scores, rtol=1e-5, atol=1e-5)
-        for got, want in zip(backend.generate(prompts, GRID_VOCAB, EOS, 6), tokens):
+        for got, want in zip(generate(backend, prompts, GRID_VOCAB, EOS, 6), tokens):
             np.testing.assert_array_equal(got, want)
     for n, p in backend.model.named_parameters():
         if "lora_" not in n:

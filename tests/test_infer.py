@@ -1,11 +1,13 @@
 """Augmented inference and selection with a stand-in model: answers produced under each view must be mapped
 back to the task's frame, merged into votes, and scored under every view."""
 import numpy as np
+import pytest
 
 from kit.augment import Augmentation, task_rng
 from kit.config import InferSettings
 from kit.format import GridFormat, GridWatch
-from kit.infer import batches, plausible_side, predict, score_under_views
+from kit.infer import batches, predict, score_under_views
+from kit.shapes import plausible_side
 from kit.tasks import Pair, Task
 from kit.vote import Candidate, rank, two_attempts
 
@@ -20,6 +22,7 @@ class CopyingModel:
         self.decoded, self.prefilled, self.scored, self.max_length = 0, [], [], max_length
 
     def decode(self, prompts, vocab, eos_id, max_new_tokens, deadline=None, give_up=None):
+        """Stands in for kit.decode.greedy on the prefix that `prefill` returned (the prompts themselves)."""
         self.watch = give_up.__self__  # predict's GridWatch(...).step
         answers = []
         for prompt in prompts:
@@ -38,6 +41,12 @@ class CopyingModel:
         assert all(0 <= row < len(prefix) for row in prompt_rows)
         self.scored.append((list(prompt_rows), [len(a) for a in answers]))
         return -np.array([len(a) for a in answers], dtype=float)
+
+
+@pytest.fixture(autouse=True)
+def stand_in_search(monkeypatch):
+    """predict's search runs on the stand-in model."""
+    monkeypatch.setattr("kit.infer.greedy", lambda model, prefix, *args: model.decode(prefix, *args))
 
 
 def test_answers_are_inverted_voted_and_scored_under_every_view():

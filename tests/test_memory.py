@@ -6,21 +6,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from kit.memory import (
+from kit.memory.estimates import (
     GIB,
     MIB,
     ModelDims,
-    PeakMemory,
-    available_memory,
     decoding_batch,
     decoding_bytes,
     parse_size,
     plan_training,
-    resident_memory,
-    steady_cpu_allocator,
     training_bytes,
     uses_eager_attention,
 )
+from kit.memory.measure import PeakMemory, available_memory, resident_memory, steady_cpu_allocator
 
 SMOLLM2 = ModelDims(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, parameters=134_515_008,
                     dtype_bytes=2)
@@ -180,7 +177,7 @@ def tiny_lora_llama():
 
 
 def train_step(backend, batch: int, length: int, optimizer) -> None:
-    """One step of kit.ttt.fit's loop: loss on the tail over a 12-token vocabulary, backward, clip, AdamW."""
+    """One step of kit.ttt.train_on_batches: loss on the tail over a 12-token vocabulary, backward, clip, AdamW."""
     import torch
 
     rng = np.random.default_rng(0)

@@ -4,17 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from kit.schedule import (
-    Assignment,
-    Difficulty,
-    Level,
-    Planner,
-    Profile,
-    TaskEstimate,
-    expected_output_shape,
-    levels,
-    parse_duration,
-)
+from kit.schedule import Assignment, Difficulty, Level, Planner, Profile, TaskEstimate, levels, parse_duration
+from kit.shapes import expected_output_shape
 from kit.tasks import Pair, Task
 
 
@@ -102,10 +93,10 @@ def test_fit_cuts_an_assignment_down_to_the_time_left():
     planner = Planner(Profile(), 64, 8)
     task = estimate("t")
     full = planner.assign(task, Level(64, 8))
-    assert planner.fit(task, full, full.seconds + 1) == full
-    smaller = planner.fit(task, full, full.seconds / 3)
+    assert planner.within(task, full, full.seconds + 1) == full
+    smaller = planner.within(task, full, full.seconds / 3)
     assert smaller.seconds <= full.seconds / 3 and smaller.runs_model
-    assert not planner.fit(task, full, 0.01).runs_model
+    assert not planner.within(task, full, 0.01).runs_model
 
 
 def test_corrections_follow_measured_times():

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from kit.atomic import write_json_atomic
 from kit.submission import (
     FALLBACK_GRID,
     SubmissionError,
@@ -12,7 +13,6 @@ from kit.submission import (
     score_submission,
     solutions_of,
     validate_submission,
-    write_json_atomic,
 )
 
 

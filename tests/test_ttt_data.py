@@ -3,7 +3,7 @@ import numpy as np
 
 from kit.augment import task_rng
 from kit.config import TTTSettings
-from kit.format import IGNORE, GridFormat, fit_demos, pair_tokens, sequence_tokens
+from kit.format import IGNORE, GridFormat, demos_that_fit, pair_tokens, sequence_tokens
 from kit.tasks import Pair, Task
 from kit.ttt import bucketed_batches, collate, converged, lr_factor, training_sequences
 
@@ -20,11 +20,11 @@ def test_fit_drops_the_longest_demonstrations_first():
     query = np.ones((2, 2), np.uint8)
     answer = 7
     full = sequence_tokens(task.train, query) + answer
-    assert fit_demos(task.train, query, answer, full) == task.train
-    kept = fit_demos(task.train, query, answer, full - 1)
+    assert demos_that_fit(task.train, query, answer, full) == task.train
+    kept = demos_that_fit(task.train, query, answer, full - 1)
     assert [p.input.shape[0] for p in kept] == [2, 3, 1]
-    assert fit_demos(task.train, query, answer, sequence_tokens([], query) + answer) == []
-    assert fit_demos(task.train, query, answer, 5) is None
+    assert demos_that_fit(task.train, query, answer, sequence_tokens([], query) + answer) == []
+    assert demos_that_fit(task.train, query, answer, 5) is None
 
 
 def test_training_sequences_respect_max_length_and_mask():

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from kit.augment import task_rng
-from kit.infer import inference_views, plausible_side
+from kit.infer import inference_views
+from kit.shapes import plausible_side
 from kit.tasks import Pair, Task
 from kit.vote import Candidate, rank, tally, two_attempts
 

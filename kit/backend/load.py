@@ -1,0 +1,126 @@
+"""Loading: the model and its tokenizer from a directory, the LoRA attached once, by one of two implementations
+that share all the maths (kit/backend/model.py) and differ only in how the model is loaded and how train/eval
+modes are switched: `UnslothBackend` (FastLanguageModel; on a CPU-only host unsloth itself falls back to stock
+transformers + PEFT) and `PeftBackend` (transformers + PEFT). Also the device and the compute dtype.
+transformers, peft and unsloth are imported lazily (unsloth patches transformers on import and must come first).
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from kit.backend.model import Backend
+from kit.config import LoraSettings  # torch-free, so the CLI builds it without torch
+from kit.weights import offline_environment
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 matmuls in hardware (AVX512-BF16 or AMX); elsewhere torch emulates them, slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """Compute dtype: bf16 where the hardware has it (CUDA from Ampere on, AVX512-BF16/AMX CPUs), else fp32."""
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        native = cpu_has_native_bf16()
+    return torch.bfloat16 if native else torch.float32
+
+
+class PeftBackend(Backend):
+    name = "peft"
+
+    @classmethod
+    def load(cls, model_dir: Path, lora: LoraSettings, max_length: int, seed: int, device: torch.device,
+             dtype: torch.dtype) -> PeftBackend:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        # Frozen weights in the compute dtype, so autocast never re-casts them (the saved model is bf16 already);
+        # PEFT keeps the adapter weights in fp32.
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        if device.type == "cuda":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora.peft_config()))
+        return cls(model, AutoTokenizer.from_pretrained(model_dir), device, dtype, max_length, seed)
+
+
+class UnslothBackend(Backend):
+    name = "unsloth"
+
+    @classmethod
+    def load(cls, model_dir: Path, lora: LoraSettings, max_length: int, seed: int, device: torch.device,
+             dtype: torch.dtype) -> UnslothBackend:
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            str(model_dir), max_seq_length=max_length, load_in_4bit=False, dtype=dtype)
+        cuda = device.type == "cuda"
+        model = FastLanguageModel.get_peft_model(
+            model, **lora.peft_config(), random_state=seed, use_gradient_checkpointing="unsloth" if cuda else False)
+        backend = cls(model, tokenizer, device, dtype, max_length, seed)
+        backend._cuda_checkpointing = "unsloth" if cuda else None
+        return backend
+
+    # On CUDA: unsloth's checkpointing (activations offloaded to host memory), armed at load and switched per
+    # training pass by `train`; on until the memory plan finds it unneeded (as PeftBackend). None: not on CUDA.
+    _cuda_checkpointing: str | bool | None = None
+
+    def set_checkpointing(self, on: bool) -> None:
+        """On CUDA unsloth's own (offloading) checkpointing, applied by the next `train`; elsewhere as the base
+        class."""
+        if self._cuda_checkpointing is None:
+            super().set_checkpointing(on)
+        else:
+            self._cuda_checkpointing = "unsloth" if on else False
+
+    def train(self) -> None:
+        from unsloth import FastLanguageModel
+        FastLanguageModel.for_training(self.model, use_gradient_checkpointing=self._cuda_checkpointing)
+
+    def eval(self) -> None:
+        from unsloth import FastLanguageModel
+        FastLanguageModel.for_inference(self.model)
+
+
+BACKENDS: dict[str, type[Backend]] = {"unsloth": UnslothBackend, "peft": PeftBackend}
+
+
+def load_backend(model_dir: str | Path, kind: str = "auto", lora: LoraSettings | None = None,
+                 max_length: int = 8192, seed: int = 0, log: Callable[[str], None] = print,
+                 dtype: torch.dtype | None = None) -> Backend:
+    """Load the model once, attach the LoRA once. `kind` "auto" prefers unsloth when it imports.
+    `lora` None means the default LoraSettings; `dtype` None picks the compute dtype for the device."""
+    offline_environment()
+    start = time.perf_counter()
+    if kind == "auto":
+        kind = "unsloth" if unsloth_importable(log) else "peft"
+    if kind not in BACKENDS:
+        raise ValueError(f"unknown backend {kind!r}; choose from auto, {', '.join(BACKENDS)}")
+    device = pick_device()
+    dtype = dtype or default_dtype(device)
+    backend = BACKENDS[kind].load(Path(model_dir), lora or LoraSettings(), max_length, seed, device, dtype)
+    log(f"backend {backend.name} on {device} ({str(dtype).removeprefix('torch.')} compute), "
+        f"{model_dir} loaded in {time.perf_counter() - start:.1f} s (imports included)")
+    return backend
+
+
+def unsloth_importable(log: Callable[[str], None]) -> bool:
+    try:
+        importlib.import_module("unsloth")
+        return True
+    except Exception as error:  # noqa: BLE001 -- unsloth raises plain errors on unsupported hosts
+        log(f"unsloth unavailable ({type(error).__name__}: {error}); falling back to transformers+peft")
+        return False
+
+
