@@ -31,6 +31,14 @@ def non_negative(text: str) -> int:
     return value
 
 
+def probability(text: str) -> float:
+    """A probability in (0, 1]."""
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {value}")
+    return value
+
+
 def duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -83,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="longest sequence trained on or prompted with (demonstrations are dropped to fit)")
     m.add_argument("--rank-by", choices=("score", "votes"), default=InferSettings.rank_by,
                    help="pick attempts by product-of-experts likelihood (score) or by votes")
+    m.add_argument("--search", choices=("greedy", "dfs"), default=InferSettings.search,
+                   help="per view: the greedy answer, or every answer at least --dfs-threshold likely (DFS)")
+    m.add_argument("--dfs-threshold", type=probability, default=InferSettings.dfs_threshold, metavar="P",
+                   help="DFS keeps answers whose probability under a view is at least P")
+    m.add_argument("--dfs-max", type=positive, default=InferSettings.dfs_max, metavar="K",
+                   help="DFS answers per view at most (the greedy answer always among them)")
     b = p.add_argument_group("time and memory budget, workers, checkpoints")
     b.add_argument("--budget", type=duration, metavar="TIME",
                    help="whole-run time limit (11h30m, 10m, 90s): the planner spends it where it solves most, "
@@ -115,7 +129,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         calibrate=args.calibrate, profile=args.profile,
         lora=LoraSettings(rank=args.lora_rank, alpha=args.lora_rank),
         ttt=TTTSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr),
-        infer=InferSettings(augs=args.augs, rank_by=args.rank_by))
+        infer=InferSettings(augs=args.augs, rank_by=args.rank_by, search=args.search,
+                            dfs_threshold=args.dfs_threshold, dfs_max=args.dfs_max))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,9 +33,9 @@ def child(mode: str, task_ids: list[str], steps: int) -> None:
     worker = Worker(config, lambda message: None)
     results = [worker.run(Job(task, steps, 4), lambda message: None)
                for task in load_bundled("arc1-eval").select(task_ids).tasks]
-    print(json.dumps({"seconds": sum(r.details["seconds"] for r in results),
-                      "peak": max(r.details["memory"]["peak"] for r in results),
-                      "estimated": max(r.details["memory"]["estimated_peak"] for r in results)}))
+    print(json.dumps({"seconds": sum(r.seconds for r in results),
+                      "peak": max(r.memory["peak"] for r in results),
+                      "estimated": max(r.memory["estimated_peak"] for r in results)}))
 
 
 def measure(mode: str, task_ids: list[str], steps: int) -> dict:

@@ -2,8 +2,8 @@
 Meant for a GPU session (unsloth's CUDA path differs from its CPU fallback: its own fast forward and per-layer tuple
 caches), runs anywhere; exits 1 when a check fails.
 
-1. Greedy decoding on the KV cache (`Backend.prefill` + `kit.decode.greedy`, all views in one batch) gives the tokens of greedy
-   decoding by full forwards without a cache (view 0, the first CHECKED_TOKENS tokens).
+1. Greedy decoding on the KV cache (`Backend.prefill` + `kit.decode.greedy`, all views in one batch) gives the
+   tokens of greedy decoding by full forwards without a cache (view 0, the first CHECKED_TOKENS tokens).
 2. Scoring on the prefix decoding used (`score_under_views` with decoding's prefix) equals scoring on a fresh
    prefill, and a full forward per (candidate, view) pair (candidates: the true output and the test input). Scoring
    through the merged adapter (`Backend.merged_adapter`, as predict runs) lands near scoring through its branch:
@@ -42,13 +42,13 @@ from kit.config import InferSettings, RunConfig, TTTSettings  # noqa: E402
 from kit.decode import greedy  # noqa: E402
 from kit.format import GridFormat, task_tokens  # noqa: E402
 from kit.infer import inference_views, score_under_views, view_prompts  # noqa: E402
+from kit.memory.budget import MemoryBudget  # noqa: E402
 from kit.memory.measure import PeakMemory  # noqa: E402
 from kit.solve import solve_task  # noqa: E402
 from kit.tasks import Task, load_bundled, load_challenges  # noqa: E402
 from kit.ttt import train_task  # noqa: E402
 from kit.vote import tally  # noqa: E402
 from kit.weights import ensure_default_model  # noqa: E402
-from kit.workers import MemoryBudget  # noqa: E402
 
 CHECKED_TOKENS = 16  # bf16 near-ties may legitimately part the two decodings later on
 DECODED_TOKENS = 64
@@ -194,18 +194,19 @@ def run_checks(opts: argparse.Namespace, scratch: Path) -> list[str]:
         try:
             fitted, plan = memory.plan_task(task, config)  # as a worker: batch, checkpointing, decoding batch, merging
             with PeakMemory(device.type) as peak:
-                _, details = solve_task(backend, fmt, task, fitted)
+                record = solve_task(backend, fmt, task, fitted)
+            errors = record.errors
         except Exception as error:  # noqa: BLE001 - report it and check the other tasks
-            details = {"errors": [repr(error)]}
+            errors = [repr(error)]
         seconds = time.perf_counter() - start
-        if details.get("errors"):
-            failures.append(f"{task.id}: {details['errors']}")
-            print(f"3. {task.id}: FAILED {details['errors']}", flush=True)
+        if errors:
+            failures.append(f"{task.id}: {errors}")
+            print(f"3. {task.id}: FAILED {errors}", flush=True)
             continue
-        print(f"3. {task.id} ({task_tokens(task)} tokens): {seconds:.1f} s, TTT {details['ttt_steps']} steps "
-              f"{details['ttt_tokens'] / max(details['ttt_seconds'], 1e-9):.0f} tok/s, infer "
-              f"{details['infer_seconds']:.1f} s, peak {peak.peak / 2**20:.0f} MiB "
-              f"(+{peak.added / 2**20:.0f}), checkpointing {plan['checkpointing']}, solved {details.get('solved')}",
+        print(f"3. {task.id} ({task_tokens(task)} tokens): {seconds:.1f} s, TTT {record.ttt_steps} steps "
+              f"{record.ttt_tokens / max(record.ttt_seconds, 1e-9):.0f} tok/s, infer "
+              f"{record.infer_seconds:.1f} s, peak {peak.peak / 2**20:.0f} MiB "
+              f"(+{peak.added / 2**20:.0f}), checkpointing {plan['checkpointing']}, solved {record.solved}",
               flush=True)
     return failures
 

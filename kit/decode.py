@@ -2,11 +2,18 @@
 (the backend supplies prefill, the one-token step and the head; kit/infer.py decides what to decode).
 
 `greedy`: the most likely token at every step, one answer per prompt, finished rows leaving the batch.
+`dfs`: every answer whose probability stays at or above a threshold, depth first with the greedy path first (so
+the greedy answer is always among them), branches pruned as soon as they can no longer be a grid of the
+plausible side (`format.grid_step`), at most `max_answers` per prompt, stopping at the deadline with what it has.
+The ARChitects and NVARC decode this way (thresholds 0.09-0.2): the right answer is often the second or third
+most likely, and a product of experts over views can pick it only if it was decoded.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from kit.backend.cache import Prefix, cache_rows, layer_keys_values, until_first
+from kit.format import GridFormat, grid_step
+from kit.grids import MAX_SIDE
 
 if TYPE_CHECKING:
     from kit.backend import Backend
@@ -71,3 +80,99 @@ def greedy(backend: Backend, prefix: Prefix, vocab: Ids, eos_id: int, max_new_to
             positions = positions + 1
     generated = tokens[:, :taken].cpu().numpy()
     return [row[:kept] if kept else until_first(row, eos_id) for row, kept in zip(generated, given_up)]
+
+
+@dataclass
+class Answer:
+    """A decoded continuation (its EOS included) and its log-probability under the prompt, over the vocabulary."""
+    tokens: np.ndarray
+    log_prob: float
+    greedy: bool = False  # the greedy path's answer
+
+
+@dataclass
+class _Node:
+    """A path of the search: tokens after the prompt, its log-probability, its grid state, whether it is the
+    greedy path."""
+    tokens: list[int]
+    log_prob: float
+    state: tuple[np.ndarray, np.ndarray, np.ndarray]  # (width, line, lines) as format.grid_step keeps them
+    greedy: bool
+
+
+def dfs(backend: Backend, prefix: Prefix, fmt: GridFormat, threshold: float, max_new_tokens: int,
+        max_answers: int, deadline: float | None = None, max_side: int = MAX_SIDE) -> list[list[Answer]]:
+    """Per prefilled prompt, every answer over the grid vocabulary whose probability is at least `threshold`,
+    plus the greedy answer whatever its probability (when it ends within `max_new_tokens`), as at most
+    `max_answers` answers, greedy first, the others in the order found (most likely branch first).
+
+    A path is extended only while its probability stays at or above the threshold (probabilities only fall
+    along a path) and while it can still be a grid of at most `max_side` a side; one that reaches the token cap
+    without EOS is dropped. Each prompt runs alone on its own copy of the prompt's keys and values (one row a
+    step), cropped back on backtracking; the prefix stays intact, for scoring.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"DFS threshold {threshold} must be in (0, 1]")
+    allowed = backend.vocab_ids(fmt.grid_vocabulary)
+    vocab = allowed.cpu().numpy()
+    head = backend.head_rows(allowed)
+    floor = math.log(threshold)
+    results = []
+    with backend.decoding():
+        for row in range(len(prefix.lengths)):
+            if deadline is not None and time.monotonic() >= deadline:
+                results.append([])
+                continue
+            results.append(_search_row(backend, prefix, row, fmt, vocab, head, floor, max_new_tokens, max_answers,
+                                       deadline, max_side))
+    return results
+
+
+def _search_row(backend: Backend, prefix: Prefix, row: int, fmt: GridFormat, vocab: np.ndarray, head: torch.Tensor,
+                floor: float, max_new_tokens: int, max_answers: int, deadline: float | None, max_side: int
+                ) -> list[Answer]:
+    """The DFS of one prompt (see `dfs`)."""
+    length = int(prefix.lengths[row])
+    budget = min(max_new_tokens, backend.max_length - length)
+    keys_values = [(k[row:row + 1, :, :length], v[row:row + 1, :, :length]) for k, v in prefix.keys_values]
+    cache, fed = cache_rows(keys_values, legacy=prefix.legacy), 0  # the prompt plus `fed` tokens of the path
+    hidden = prefix.last_hidden[row:row + 1]
+    zero = np.zeros(1, np.int64)
+    stack = [_Node([], 0.0, (zero, zero, zero), True)]
+    answers: list[Answer] = []
+    first = True
+    # past `max_answers`, only the greedy descent goes on (its node is always on top): its answer must be there
+    while stack and (len(answers) < max_answers or stack[-1].greedy):
+        node = stack.pop()
+        if not first:  # step the path's last token onto its parent's keys and values (all on the cache)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            parent = len(node.tokens) - 1
+            if fed > parent:
+                cache = cache_rows([(k[:, :, :length + parent], v[:, :, :length + parent])
+                                    for k, v in layer_keys_values(cache)], legacy=prefix.legacy)
+            mask = torch.ones((1, length + parent + 1), dtype=torch.long, device=head.device)
+            positions = torch.full((1, 1), length + parent, dtype=torch.long, device=head.device)
+            token = torch.tensor([node.tokens[-1]], dtype=torch.long, device=head.device)
+            cache, hidden = backend.step(token, mask, positions, cache)
+            fed = parent + 1
+        first = False
+        log_probs = torch.log_softmax(backend.logits(hidden, head)[0], -1).double().cpu().numpy()
+        totals = node.log_prob + log_probs
+        width, line, lines, doomed = grid_step(fmt, max_side, *(np.repeat(s, len(vocab)) for s in node.state), vocab)
+        best = int(np.argmax(log_probs))
+        children = []
+        for i in np.argsort(log_probs, kind="stable"):  # least likely first: the most likely is popped first
+            i = int(i)
+            greedy = node.greedy and i == best
+            if doomed[i] or not (greedy or totals[i] >= floor):
+                continue
+            tokens = [*node.tokens, int(vocab[i])]
+            if vocab[i] == fmt.eos_id:
+                answers.append(Answer(np.array(tokens, np.int64), float(totals[i]), greedy))
+            elif len(tokens) < budget:
+                children.append(_Node(tokens, float(totals[i]), (width[i:i + 1], line[i:i + 1], lines[i:i + 1]),
+                                      greedy))
+        stack += children
+    answers.sort(key=lambda a: not a.greedy)  # stable: the others stay in the order found
+    return answers[:max_answers]

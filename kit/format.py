@@ -160,6 +160,24 @@ class GridFormat:
         return np.array(rows, dtype=np.uint8)
 
 
+def grid_step(fmt: GridFormat, max_side: int, width: np.ndarray, line: np.ndarray, lines: np.ndarray,
+              tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One token further into answers whose state is (width of the first row, 0 until it ends; digits in the
+    current row; rows ended), element-wise: the new state and whether each answer is now doomed (it can no
+    longer parse as a grid of at most `max_side` rows and columns). Shared by `GridWatch` (one answer per row
+    of a decoding batch) and kit/decode.py's DFS (every child of a node at once)."""
+    digit = np.isin(tokens, fmt.digit_ids)
+    row_end, eos = tokens == fmt.row_end_id, tokens == fmt.eos_id
+    line = line + digit
+    doomed = ~(digit | row_end | eos) | (line > np.where(width > 0, width, max_side))
+    doomed |= row_end & ((line == 0) | ((width > 0) & (line != width)))
+    doomed |= eos & (line > 0)
+    width = np.where(row_end & (width == 0), line, width)
+    lines = lines + row_end
+    doomed |= lines > max_side
+    return width, np.where(row_end, 0, line), lines, doomed
+
+
 class GridWatch:
     """Follows decoded answers token by token and flags each as soon as it can no longer parse as a grid of at
     most `max_side` rows and columns (an empty or ragged row, a row or a column too long, EOS inside a row): its
@@ -175,15 +193,7 @@ class GridWatch:
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Take each answer's next token; True where that answer is doomed (from then on)."""
-        digit = np.isin(tokens, self.fmt.digit_ids)
-        row_end, eos = tokens == self.fmt.row_end_id, tokens == self.fmt.eos_id
-        self.line += digit
-        doomed = ~(digit | row_end | eos) | (self.line > np.where(self.width > 0, self.width, self.max_side))
-        doomed |= row_end & ((self.line == 0) | ((self.width > 0) & (self.line != self.width)))
-        doomed |= eos & (self.line > 0)
-        self.width = np.where(row_end & (self.width == 0), self.line, self.width)
-        self.lines += row_end
-        doomed |= self.lines > self.max_side
-        self.line[row_end] = 0
+        self.width, self.line, self.lines, doomed = grid_step(self.fmt, self.max_side, self.width, self.line,
+                                                              self.lines, tokens)
         self.doomed |= doomed
         return self.doomed.copy()

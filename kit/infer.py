@@ -9,7 +9,7 @@ import numpy as np
 
 from kit.augment import NUM_SYMMETRIES, Augmentation, random_augmentation
 from kit.config import InferSettings
-from kit.decode import greedy
+from kit.decode import dfs, greedy
 from kit.format import FormatError, GridFormat, GridWatch, answer_budget, demos_that_fit
 from kit.grids import Grid
 from kit.shapes import plausible_side
@@ -63,14 +63,28 @@ def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, set
         if n and past(deadline):
             break
         prefix = backend.prefill([prompts[i] for i in group])
-        outputs = greedy(backend, prefix, fmt.grid_vocabulary, fmt.eos_id, answer_tokens, deadline,
-                                 GridWatch(fmt, len(group), side).step)
+        for view, outputs in zip([views[i] for i in group], search(backend, fmt, prefix, len(group), side,
+                                                                  answer_tokens, settings, deadline)):
+            grids += inverted_grids(fmt, [view] * len(outputs), outputs)
         if keep:
             prefilled.append((group, prefix))
-        grids += inverted_grids(fmt, [views[i] for i in group], outputs)
     candidates = tally(grids)
     score_under_views(backend, fmt, candidates, views, prompts, settings, deadline, prefilled if keep else None)
     return candidates
+
+
+def search(backend: Backend, fmt: GridFormat, prefix: Prefix, rows: int, side: int, answer_tokens: int,
+           settings: InferSettings, deadline: float | None) -> list[list[np.ndarray]]:
+    """Each prefilled view's decoded answers (token ids), by the search `settings` names (kit/decode.py): the
+    greedy one, or with DFS every one at least `dfs_threshold` likely (at most `dfs_max`, greedy first)."""
+    if settings.search == "greedy":
+        outputs = greedy(backend, prefix, fmt.grid_vocabulary, fmt.eos_id, answer_tokens, deadline,
+                         GridWatch(fmt, rows, side).step)
+        return [[ids] for ids in outputs]
+    if settings.search == "dfs":
+        found = dfs(backend, prefix, fmt, settings.dfs_threshold, answer_tokens, settings.dfs_max, deadline, side)
+        return [[answer.tokens for answer in answers] for answers in found]
+    raise ValueError(f"unknown search {settings.search!r}; use 'greedy' or 'dfs'")
 
 
 def inverted_grids(fmt: GridFormat, views: list[Augmentation], outputs: list[np.ndarray]) -> list[Grid]:

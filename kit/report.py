@@ -5,6 +5,9 @@ saw and answered, filterable by solved / unsolved / fallback.
 It reads only what a run leaves beside its submission (`<stem>.run.json`, `<stem>.log.jsonl`, the submission)
 and reloads the tasks from the source the run names, so it works after the run, on a killed run (status
 "running") and on an old run without a summary (then without demonstrations or true outputs). Torch-free.
+
+Over 400 lines on purpose: loading, the three pictures and the page's HTML and script are one page's parts, read
+together when the page changes; none is used anywhere else.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from matplotlib.ticker import MaxNLocator
 
 from kit.atomic import write_text_atomic
 from kit.grids import Grid
+from kit.record import TaskRecord
 from kit.results import log_path, read_task_records, summary_path
 from kit.schedule import format_duration
 from kit.tasks import Task, attach_solutions, load_bundled, load_challenges, load_solutions
@@ -55,7 +59,7 @@ class Card:
 
     task_id: str
     status: str
-    record: dict  # the task's last log record; {} when the run logged none (no model, not reached, killed)
+    record: TaskRecord | None  # the task's last log record; None when the run logged none (no model, not reached)
     attempts: list[tuple[Grid, Grid]]  # from the submission: what is scored
     task: Task | None = None  # reloaded from the run's source; None when unknown or invalid
     solved: list[bool] | None = None  # per test input, when the true outputs are known
@@ -72,8 +76,8 @@ class RunData:
     cards: list[Card] = field(default_factory=list)
 
     @property
-    def records(self) -> list[dict]:
-        return [c.record for c in self.cards if c.record]
+    def records(self) -> list[TaskRecord]:
+        return [c.record for c in self.cards if c.record is not None]
 
 
 # --- loading ------------------------------------------------------------------------------------------------
@@ -83,9 +87,9 @@ def submission_path(run: Path) -> Path:
     return run / "submission.json" if run.is_dir() else run
 
 
-def read_log(path: Path) -> dict[str, dict]:
+def read_log(path: Path) -> dict[str, TaskRecord]:
     """Task id -> its last complete record (a torn last line from a kill is skipped)."""
-    return {record["task"]: record for record in read_task_records(path)}
+    return {record.task: record for record in read_task_records(path)}
 
 
 def reload_tasks(summary: dict, task_ids: list[str]) -> dict[str, Task]:
@@ -102,10 +106,10 @@ def reload_tasks(summary: dict, task_ids: list[str]) -> dict[str, Task]:
     return {t.id: t for t in task_set.tasks}
 
 
-def card_status(record: dict, solved: list[bool] | None) -> str:
+def card_status(record: TaskRecord | None, solved: list[bool] | None) -> str:
     """Fallback: the kit gave no model answer (no record, no time, or the task failed); else solved only when
     every test output is."""
-    if not record or "fallback" in record or "error" in record:
+    if record is None or not record.model_answered:
         return "fallback"
     if solved is None:
         return "unscored"
@@ -126,11 +130,11 @@ def load_run(run: Path) -> RunData:
     for task_id in task_ids:
         attempts = [(np.array(e["attempt_1"], dtype=np.uint8), np.array(e["attempt_2"], dtype=np.uint8))
                     for e in submission.get(task_id, [])]
-        task, record = tasks.get(task_id), records.get(task_id, {})
+        task, record = tasks.get(task_id), records.get(task_id)
         if task is not None and task.test_outputs is not None:
             solved = [any(np.array_equal(a, truth) for a in pair) for pair, truth in zip(attempts, task.test_outputs)]
         else:
-            solved = record.get("solved")
+            solved = record and record.solved
         data.cards.append(Card(task_id, card_status(record, solved), record, attempts, task, solved))
     return data
 
@@ -195,33 +199,33 @@ def draw_grids(rows: list[list[tuple[str, Grid, str]]]) -> str:
 
 def budget_plot(data: RunData) -> str | None:
     """Planned against actual seconds per task, and tasks finished against time with the deadline."""
-    records = [r for r in data.records if "seconds" in r]
+    records = [r for r in data.records if r.seconds is not None]
     if not records:
         return None
     fig = Figure(figsize=(11, 3.8), dpi=80, layout="constrained")
     planned_ax, time_ax = fig.subplots(1, 2)
     status = {c.task_id: c.status for c in data.cards}
-    planned = [r for r in records if r.get("planned_seconds") is not None]
+    planned = [r for r in records if r.planned_seconds is not None]
     for name in STATUSES:
-        group = [r for r in planned if status[r["task"]] == name]
+        group = [r for r in planned if status[r.task] == name]
         if group:
-            planned_ax.scatter([r["planned_seconds"] for r in group], [r["seconds"] for r in group], s=14,
+            planned_ax.scatter([r.planned_seconds for r in group], [r.seconds for r in group], s=14,
                                color=STATUS_COLOURS[name], label=f"{name} ({len(group)})")
     if planned:
         if len(planned) <= LABELLED_POINTS:
             for r in planned:
-                planned_ax.annotate(r["task"], (r["planned_seconds"], r["seconds"]), fontsize=7,
+                planned_ax.annotate(r.task, (r.planned_seconds, r.seconds), fontsize=7,
                                     xytext=(4, 2), textcoords="offset points")
-        top = max(max(r["planned_seconds"], r["seconds"]) for r in planned) * 1.05
+        top = max(max(r.planned_seconds, r.seconds) for r in planned) * 1.05
         planned_ax.plot([0, top], [0, top], color="#999999", linewidth=0.8, linestyle="--", label="as planned")
         planned_ax.legend(fontsize=8)
     else:
         planned_ax.text(0.5, 0.5, "no planned times in this log", ha="center", transform=planned_ax.transAxes)
     planned_ax.set(xlabel="planned seconds", ylabel="actual seconds", title="time per task: planned against actual")
-    if all("finished" in r for r in records):
-        finished = sorted(r["finished"] for r in records)
+    if all(r.finished is not None for r in records):
+        finished = sorted(r.finished for r in records)
     else:  # an old log: one worker, tasks back to back
-        finished = list(np.cumsum([r["seconds"] for r in records]))
+        finished = list(np.cumsum([r.seconds for r in records]))
     s = data.summary
     marks = [(s[key], label, colour) for key, label, colour in (
         ("deadline_s", "deadline", "#C0392B"), ("budget_s", "budget", "black"), ("wall_s", "end of run", "#999999"))
@@ -245,7 +249,8 @@ def time_unit(longest: float) -> tuple[float, str]:
 
 def loss_plot(data: RunData) -> str | None:
     """TTT loss per step for an even sample of solved and of unsolved tasks."""
-    groups = {name: [c for c in data.cards if c.status == name and c.record.get("losses")] for name in STATUSES}
+    groups = {name: [c for c in data.cards if c.status == name and c.record and c.record.losses]
+              for name in STATUSES}
     if not any(groups.values()):
         return None
     fig = Figure(figsize=(11, 3.8), dpi=80, layout="constrained")
@@ -256,7 +261,7 @@ def loss_plot(data: RunData) -> str | None:
             continue
         sample = [cards[i] for i in np.unique(np.linspace(0, len(cards) - 1, LOSS_CURVES).round().astype(int))]
         for card in sample:
-            losses = card.record["losses"]
+            losses = card.record.losses
             ax.plot(range(1, len(losses) + 1), np.maximum(losses, 1e-4), color=STATUS_COLOURS[name], alpha=0.6,
                     linewidth=1)
         handles.append(Line2D([], [], color=STATUS_COLOURS[name], label=f"{name} ({len(sample)} of {len(cards)})"))
@@ -298,11 +303,13 @@ def summary_rows(data: RunData) -> list[tuple[str, str]]:
               f"{seconds(s.get('deadline_s'))})" if s.get("budget_s") else "none")
     rows += [("budget", budget), ("wall time", seconds(s.get("wall_s")))]
     counts = s.get("counts") or {
-        "trained": sum(bool(r.get("ttt_steps")) for r in records if "error" not in r),
-        "inference only": sum(not r.get("ttt_steps") and "error" not in r and "fallback" not in r for r in records),
-        "fallback (no time)": sum("fallback" in r for r in records), "failed": sum("error" in r for r in records)}
+        "trained": sum(bool(r.ttt_steps) for r in records if r.error is None),
+        "inference only": sum(not r.ttt_steps and r.model_answered for r in records),
+        "fallback (no time)": sum(r.fallback is not None for r in records),
+        "failed": sum(r.error is not None for r in records)}
     rows.append(("tasks", f"{len(data.cards)}: " + ", ".join(f"{k} {v}" for k, v in counts.items())))
-    phases = s.get("phases") or {p: sum(r.get(f"{p}_seconds", 0.0) for r in records) for p in ("ttt", "infer", "vote")}
+    phases = s.get("phases") or {p: sum(getattr(r, f"{p}_seconds") or 0.0 for r in records)
+                                 for p in ("ttt", "infer", "vote")}
     rows.append(("time per phase", ", ".join(f"{PHASE_NAMES.get(k, k)} {seconds(v)}" for k, v in phases.items())))
     return rows
 
@@ -310,31 +317,31 @@ def summary_rows(data: RunData) -> list[tuple[str, str]]:
 def card_facts(card: Card) -> str:
     """What the kit did with the task: steps, seconds, or why it kept its baseline."""
     r = card.record
-    if not r:
+    if r is None:
         return "no model answer in the log (baseline: the test input as both attempts)"
-    if "fallback" in r:
-        return f"fallback ({r['fallback']}): the test input as both attempts"
-    facts = [f"failed, baseline kept: {r['error']}"] if "error" in r else []
-    if "ttt_steps" in r:
-        planned = f" of {r['planned_steps']}" if "planned_steps" in r else ""
-        facts.append(f"TTT {r['ttt_steps']}{planned} steps ({r.get('ttt_stopped', '–')}, "
-                     f"{r.get('ttt_tokens', 0):,} tokens)")
-    if "planned_views" in r:
-        facts.append(f"{r['planned_views']} views")
-    parts = [f"{PHASE_NAMES[p]} {r[f'{p}_seconds']:.1f}" for p in ("ttt", "infer", "vote") if f"{p}_seconds" in r]
-    if r.get("planned_seconds") is not None:
-        parts.append(f"planned {r['planned_seconds']:.1f}")
-    facts.append(f"{seconds(r.get('seconds'))}" + (f" ({', '.join(parts)})" if parts else ""))
-    if "retried" in r:
+    if r.fallback is not None:
+        return f"fallback ({r.fallback}): the test input as both attempts"
+    facts = [f"failed, baseline kept: {r.error}"] if r.error is not None else []
+    ran = r.ttt_seconds is not None  # solve_task ran: steps and seconds per phase were measured
+    if ran:
+        planned = f" of {r.planned_steps}" if r.planned_steps is not None else ""
+        facts.append(f"TTT {r.ttt_steps}{planned} steps ({r.ttt_stopped or '–'}, {r.ttt_tokens:,} tokens)")
+    if r.planned_views is not None:
+        facts.append(f"{r.planned_views} views")
+    parts = [f"{PHASE_NAMES[p]} {getattr(r, f'{p}_seconds'):.1f}" for p in ("ttt", "infer", "vote")] if ran else []
+    if r.planned_seconds is not None:
+        parts.append(f"planned {r.planned_seconds:.1f}")
+    facts.append(f"{seconds(r.seconds)}" + (f" ({', '.join(parts)})" if parts else ""))
+    if r.retried is not None:
         facts.append("retried smaller")
-    facts += r.get("errors", [])
+    facts += r.errors
     return " · ".join(facts)
 
 
 def candidates_table(card: Card) -> str:
     """Per test input the top candidates: votes, score, which attempt it became, whether it is right."""
     rows = []
-    for i, candidates in enumerate(card.record.get("candidates") or []):
+    for i, candidates in enumerate(card.record.candidates if card.record else []):
         truth = card.truths[i] if card.truths is not None else None
         attempts = card.attempts[i] if i < len(card.attempts) else ()
         for rank, cand in enumerate(candidates[:CANDIDATES_SHOWN], 1):

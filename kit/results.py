@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from kit.atomic import write_json_atomic, write_text_atomic
-from kit.grids import to_json
+from kit.record import TaskRecord
 from kit.submission import Attempts, build_submission, validate_submission
 
 
@@ -26,33 +24,26 @@ class ResultsStore:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         kept = self._finished_records() if resume else []
         for record in kept:
-            self.answers[record["task"]] = [tuple(np.array(g, dtype=np.uint8) for g in pair)
-                                            for pair in record["attempts"]]
-            self.done.add(record["task"])
+            self.answers[record.task] = record.attempts
+            self.done.add(record.task)
         # The log describes the submission beside it; a torn last line (a kill mid-append) is dropped here.
-        write_json_lines(self.log_path, kept)
+        write_text_atomic(self.log_path, "".join(json.dumps(r.to_json()) + "\n" for r in kept))
         self.write()
 
-    def _finished_records(self) -> list[dict]:
+    def _finished_records(self) -> list[TaskRecord]:
         """The log's complete records of this run's tasks that were solved by the model (not budget fallbacks)."""
-        records = []
-        for record in read_task_records(self.log_path):
-            task = record["task"]
-            attempts = record.get("attempts") if task in self.test_counts else None
-            if isinstance(attempts, list) and len(attempts) == self.test_counts[task] and "fallback" not in record:
-                records.append(record)
-        return records
+        return [r for r in read_task_records(self.log_path)
+                if r.fallback is None and len(r.attempts) == self.test_counts.get(r.task, -1)]
 
-    def record(self, task_id: str, attempts: list[Attempts], details: dict, write: bool = True) -> None:
-        """Keep a task's answer and its details (steps, losses, candidates, times), then rewrite the file
-        (`write` False: the caller writes once after a series). A record with a "fallback" key is a task the
-        run gave no model time: a resumed run tries it again."""
-        self.answers[task_id] = attempts
-        if "fallback" not in details:
-            self.done.add(task_id)
-        entry = {"task": task_id, **details, "attempts": [[to_json(g) for g in pair] for pair in attempts]}
+    def record(self, record: TaskRecord, write: bool = True) -> None:
+        """Keep a task's answer and its record (steps, losses, candidates, times), then rewrite the file
+        (`write` False: the caller writes once after a series). A fallback record is a task the run gave no
+        model time: a resumed run tries it again."""
+        self.answers[record.task] = record.attempts
+        if record.fallback is None:
+            self.done.add(record.task)
         with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write(json.dumps(record.to_json()) + "\n")
         if write:
             self.write()
 
@@ -65,18 +56,18 @@ class ResultsStore:
         write_json_atomic(self.out, submission)
 
 
-def read_task_records(path: Path) -> list[dict]:
+def read_task_records(path: Path) -> list[TaskRecord]:
     """The complete task records of a JSONL log, in order; a torn line (a kill mid-append) is skipped."""
     if not path.is_file():
         return []
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            data = json.loads(line)
+            if isinstance(data, dict) and isinstance(data.get("task"), str):
+                records.append(TaskRecord.from_json(data))
+        except (json.JSONDecodeError, TypeError, ValueError):
             continue
-        if isinstance(record, dict) and "task" in record:
-            records.append(record)
     return records
 
 
@@ -88,8 +79,3 @@ def log_path(out: Path) -> Path:
 def summary_path(out: Path) -> Path:
     """The run summary beside a submission (source, model, device, budget, phases, score)."""
     return out.with_name(out.stem + ".run.json")
-
-
-def write_json_lines(path: Path, records: list[dict]) -> None:
-    """Replace a JSONL file atomically."""
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))

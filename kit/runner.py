@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 from kit.atomic import write_json_atomic
 from kit.config import RunConfig
+from kit.record import TaskRecord
 from kit.results import ResultsStore, summary_path
 from kit.schedule import Assignment, Planner, Profile, TaskEstimate, format_duration, plan_summary
 from kit.submission import Score, baseline_attempts, score_submission, solutions_of
@@ -159,9 +160,8 @@ def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started
                     a = planner.within(estimates[a.task_id], a, deadline - now)
                 if not a.runs_model:
                     at = round(now - started, 3)
-                    store.record(a.task_id, baseline_attempts(tasks[a.task_id]),
-                                 {"fallback": "no time", "planned_seconds": 0.0, "started": at, "finished": at},
-                                 write=False)
+                    store.record(TaskRecord(a.task_id, baseline_attempts(tasks[a.task_id]), fallback="no time",
+                                            planned_seconds=0.0, started=at, finished=at), write=False)
                     counts["fallback (no time)"] += 1
                     fallbacks += 1
                     bar.update()
@@ -176,17 +176,17 @@ def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started
                 store.write()
             if not in_flight:
                 break
-            result = pool.next_result()
-            a, t0 = in_flight.pop(result.task_id)
-            details = result.details | {"planned_seconds": round(a.seconds, 3), "started": round(t0 - started, 3),
-                                        "finished": round(time.monotonic() - started, 3)}
-            planner.observe(estimates[result.task_id], details)
-            for phase in ("ttt", "infer", "vote"):
-                phases[phase] = phases.get(phase, 0.0) + details.get(f"{phase}_seconds", 0.0)
-            store.record(result.task_id, result.attempts, details)
-            solved += sum(details.get("solved", []))
-            counts["failed" if "error" in details else "trained" if details.get("ttt_steps") else
-                   "inference only"] += 1
+            record = pool.next_result()
+            a, t0 = in_flight.pop(record.task)
+            record.planned_seconds, record.started = round(a.seconds, 3), round(t0 - started, 3)
+            record.finished = round(time.monotonic() - started, 3)
+            planner.observe(estimates[record.task], record)
+            for phase, seconds in (("ttt", record.ttt_seconds), ("infer", record.infer_seconds),
+                                   ("vote", record.vote_seconds)):
+                phases[phase] = phases.get(phase, 0.0) + (seconds or 0.0)
+            store.record(record)
+            solved += sum(record.solved or [])
+            counts["failed" if record.error else "trained" if record.ttt_steps else "inference only"] += 1
             bar.update()
             if task_set.has_solutions():
                 bar.set_postfix(solved=solved)

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from kit.format import answer_budget, demos_that_fit, grid_tokens, sequence_tokens
+from kit.record import TaskRecord
 from kit.shapes import expected_output_shape, plausible_side
 from kit.tasks import Task
 
@@ -219,17 +220,16 @@ class Planner:
                  + self.profile.task_overhead_s) * self.corrections.infer
         return train, infer
 
-    def observe(self, est: TaskEstimate, details: dict) -> None:
+    def observe(self, est: TaskEstimate, record: TaskRecord) -> None:
         """Correct the costs of the tasks still to come by what this one really took (the steps it really ran:
         a task stopped early by convergence hands its time back, it does not make training look faster)."""
-        if "ttt_seconds" not in details:
+        if record.ttt_seconds is None:  # the model never ran: nothing measured
             return
-        views = details.get("planned_views", 0)
-        self.corrections.update(self.profile.train_seconds(details.get("ttt_steps", 0), est.step_tokens),
-                                details["ttt_seconds"],
-                                self.profile.infer_seconds(views, est.prompt_tokens, est.decode_tokens, est.tests)
+        self.corrections.update(self.profile.train_seconds(record.ttt_steps, est.step_tokens), record.ttt_seconds,
+                                self.profile.infer_seconds(record.planned_views or 0, est.prompt_tokens,
+                                                           est.decode_tokens, est.tests)
                                 + self.profile.task_overhead_s,
-                                details.get("infer_seconds", 0.0) + details.get("vote_seconds", 0.0))
+                                record.infer_seconds + record.vote_seconds)
 
     def table(self, est: TaskEstimate) -> tuple[list[Level], np.ndarray, np.ndarray]:
         options = levels(self.max_steps, self.max_views)

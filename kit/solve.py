@@ -12,7 +12,7 @@ from kit.augment import task_rng
 from kit.config import RunConfig
 from kit.format import GridFormat
 from kit.infer import predict
-from kit.submission import Attempts
+from kit.record import TaskRecord
 from kit.tasks import Task
 from kit.ttt import train_task
 from kit.vote import rank, two_attempts
@@ -22,15 +22,17 @@ if TYPE_CHECKING:  # the backend imports torch and transformers; only its type i
 
 
 def solve_task(backend: Backend, fmt: GridFormat, task: Task, config: RunConfig, ttt_deadline: float | None = None,
-               deadline: float | None = None) -> tuple[list[Attempts], dict]:
-    """Two attempts per test input, and the details worth logging (steps, losses, candidates, seconds).
-    Training stops at `ttt_deadline`; past `deadline` candidates are ranked by votes alone (no scoring pass).
-    Both are time.monotonic() instants."""
+               deadline: float | None = None) -> TaskRecord:
+    """Two attempts per test input, and what it took (steps, losses, candidates, seconds). Training stops at
+    `ttt_deadline`; past `deadline` candidates are ranked by votes alone (no scoring pass). Both are
+    time.monotonic() instants. A test input whose inference fails keeps its baseline (the error is recorded);
+    the task's other answers stand."""
     ttt = train_task(backend, fmt, task, config.ttt, task_rng(config.seed, task.id, "ttt"),
                      seed=zlib.crc32(f"{config.seed}:{task.id}".encode()), deadline=ttt_deadline)
     start = time.monotonic()
     rng = task_rng(config.seed, task.id, "infer")
-    attempts, candidates, errors = [], [], []
+    record = TaskRecord(task.id, ttt_steps=ttt.steps, ttt_stopped=ttt.stopped, ttt_tokens=ttt.tokens,
+                        losses=[round(x, 4) for x in ttt.losses], ttt_seconds=round(ttt.seconds, 3))
     vote_seconds = 0.0
     with backend.merged_adapter() if config.infer.merge_adapter else nullcontext():
         for i, test_input in enumerate(task.test_inputs):
@@ -40,16 +42,13 @@ def solve_task(backend: Backend, fmt: GridFormat, task: Task, config: RunConfig,
                 ranked = rank(predicted, config.infer.rank_by)
             except Exception as e:  # noqa: BLE001 - this test input falls back; the task's other answers stand
                 ranked, voting = [], time.monotonic()
-                errors.append(f"test[{i}]: {e!r}")
-            attempts.append(two_attempts(ranked, fallback=test_input))
+                record.errors.append(f"test[{i}]: {e!r}")
+            record.attempts.append(two_attempts(ranked, fallback=test_input))
             vote_seconds += time.monotonic() - voting
-            candidates.append([c.to_record() for c in ranked])
-    details = {"errors": errors} if errors else {}
-    details |= {"ttt_steps": ttt.steps, "ttt_stopped": ttt.stopped, "ttt_tokens": ttt.tokens,
-               "losses": [round(x, 4) for x in ttt.losses], "ttt_seconds": round(ttt.seconds, 3),
-               "infer_seconds": round(time.monotonic() - start - vote_seconds, 3),
-               "vote_seconds": round(vote_seconds, 4), "candidates": candidates}
+            record.candidates.append([c.to_record() for c in ranked])
+    record.infer_seconds = round(time.monotonic() - start - vote_seconds, 3)
+    record.vote_seconds = round(vote_seconds, 4)
     if task.test_outputs is not None:
-        details["solved"] = [any(np.array_equal(a, truth) for a in pair)
-                             for pair, truth in zip(attempts, task.test_outputs)]
-    return attempts, details
+        record.solved = [any(np.array_equal(a, truth) for a in pair)
+                         for pair, truth in zip(record.attempts, task.test_outputs)]
+    return record

@@ -80,7 +80,8 @@ def train_task(backend: Backend, fmt: GridFormat, task: Task, settings: TTTSetti
         sequences = training_sequences(fmt, task, settings.steps * settings.batch_size, length, rng,
                                        settings.keep_background)
         if sequences:
-            train_on_batches(backend, fmt, bucketed_batches(sequences, settings.batch_size, rng), settings, deadline, result)
+            batches = bucketed_batches(sequences, settings.batch_size, rng)
+            train_on_batches(backend, fmt, batches, settings, deadline, result)
         else:
             result.stopped = "no data"
     result.seconds = time.monotonic() - start

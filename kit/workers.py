@@ -12,22 +12,13 @@ import os
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 from kit.config import RunConfig
-from kit.format import answer_budget, sequence_tokens
-from kit.memory.estimates import (
-    ModelDims,
-    decoding_batch,
-    decoding_bytes,
-    format_size,
-    plan_training,
-    uses_eager_attention,
-)
-from kit.memory.measure import PeakMemory, available_memory, resident_memory, trim_cpu_heap
-from kit.shapes import plausible_side
-from kit.submission import Attempts, baseline_attempts
+from kit.memory.budget import MemoryBudget
+from kit.memory.measure import PeakMemory, trim_cpu_heap
+from kit.record import TaskRecord
+from kit.submission import baseline_attempts
 from kit.tasks import Task
 
 
@@ -38,14 +29,6 @@ class Job:
     views: int
     ttt_deadline: float | None = None  # time.monotonic() instants (system-wide on Linux: valid across processes)
     deadline: float | None = None
-
-
-@dataclass
-class JobResult:
-    task_id: str
-    attempts: list[Attempts]
-    details: dict = field(default_factory=dict)
-    worker: int = 0
 
 
 class Worker:
@@ -84,7 +67,7 @@ class Worker:
 
         return torch.cuda.get_device_name(self.backend.device)
 
-    def run(self, job: Job, log: Callable[[str], None]) -> JobResult:
+    def run(self, job: Job, log: Callable[[str], None]) -> TaskRecord:
         from kit import solve  # looked up at call time, so a test can wrap solve_task
 
         start = time.perf_counter()
@@ -95,11 +78,11 @@ class Worker:
                     trim_cpu_heap()
                 config, plan = self.memory.plan_task(job.task, config)
                 with PeakMemory(self.backend.device.type) as peak:
-                    attempts, details = solve.solve_task(self.backend, self.fmt, job.task, config,
-                                                         job.ttt_deadline, job.deadline)
-                details["memory"] = plan | {"peak": peak.peak}
+                    record = solve.solve_task(self.backend, self.fmt, job.task, config, job.ttt_deadline,
+                                              job.deadline)
+                record.memory = plan | {"peak": peak.peak}
                 if errors:
-                    details["retried"] = {"steps": config.ttt.steps, "max_length": config.ttt.max_length}
+                    record.retried = {"steps": config.ttt.steps, "max_length": config.ttt.max_length}
                 break
             except Exception as e:  # noqa: BLE001 - one task's failure must not end the run
                 errors.append(repr(e))
@@ -107,12 +90,12 @@ class Worker:
                                                               "baseline kept"))
                 self.free_memory()
         else:
-            attempts, details = baseline_attempts(job.task), {}
+            record = TaskRecord(job.task.id, baseline_attempts(job.task))
         if errors:
-            details["error"] = "; ".join(errors)
-        details |= {"planned_steps": job.steps, "planned_views": job.views,
-                    "seconds": round(time.perf_counter() - start, 3)}
-        return JobResult(job.task.id, attempts, details)
+            record.error = "; ".join(errors)
+        record.planned_steps, record.planned_views = job.steps, job.views
+        record.seconds = round(time.perf_counter() - start, 3)
+        return record
 
     def attempt_configs(self, job: Job) -> list[RunConfig]:
         """The job's level, then a retry with half the steps, half the training context and half the decoding
@@ -134,74 +117,13 @@ class Worker:
             torch.cuda.empty_cache()
 
 
-# On a CPU glibc's heap keeps freed activations between live ones, so the resident set grows above the estimates
-# (kit/memory/estimates.py) of what a task adds: measured with the default model 1.18x (d5c634a2, 4x710 tokens, no
-# checkpointing), 2.0x (the same, checkpointed), up to 2.6x in the estimates' own measurements. Plans on a CPU leave
-# that room. `steady_cpu_allocator` (kit/memory/measure.py) would make the estimates upper bounds but doubled a
-# task's time (bench/cpu_allocator.py), so workers instead trim the heap before each task (`trim_cpu_heap`).
-CPU_HEAP_SLACK = 2.6
-
-
-class MemoryBudget:
-    """The memory a worker may use, and per task the training shape and decoding batch that stay inside it
-    (kit/memory/estimates.py's estimates from the model's dimensions and what the process already holds)."""
-
-    def __init__(self, backend: Any, budget: int | None, log: Callable[[str], None]):
-        base = backend.model.get_base_model()
-        self.backend = backend
-        self.lora_parameters = sum(p.numel() for p in backend.trainable_parameters())
-        frozen = sum(p.numel() for p in base.parameters()) - self.lora_parameters
-        self.dims = ModelDims.from_config(base.config, frozen, backend.dtype.itemsize)
-        self.merged_bytes = backend.merged_weight_bytes()
-        # Eager attention holds batch x heads x length^2 scores: decoding always (its kernel), training below
-        # the backend's `sdpa_from` when it has one.
-        self.scores = uses_eager_attention(backend.decode_attention)
-        self.device = backend.device.type
-        self.budget = budget or available_memory(self.device)
-        log(f"memory budget {format_size(self.budget)} ({'given' if budget else 'free on the device'}), "
-            f"{format_size(resident_memory(self.device))} held by the loaded model")
-
-    def plan_task(self, task: Task, config: RunConfig) -> tuple[RunConfig, dict]:
-        """`config` with the batch size, training length and decoding batch that fit, checkpointing set on the
-        backend; and the plan, for the log. No training shape fits: no TTT. No decoding fits: MemoryError."""
-        resident = resident_memory(self.device)
-        slack = CPU_HEAP_SLACK if self.device == "cpu" else 1.0
-        plannable = resident + int((self.budget - resident) / slack)  # the room the estimates may fill
-        cap = min(self.backend.max_length, config.ttt.max_length or self.backend.max_length)
-        longest = min(cap, max(sequence_tokens(task.train[:i] + task.train[i + 1:], q.input, q.output.shape)
-                               for i, q in enumerate(task.train)))
-        ttt = config.ttt
-        plan = plan_training(plannable, resident, self.dims, ttt.batch_size, longest, self.lora_parameters,
-                             self.scores, self.backend.sdpa_from)
-        if plan is None:
-            ttt = replace(ttt, steps=0)
-        else:
-            ttt = replace(ttt, batch_size=plan.batch_size,
-                          max_length=plan.max_length if plan.max_length < longest else ttt.max_length)
-            self.backend.set_checkpointing(plan.checkpointing)
-        decode_length = min(self.backend.max_length, max(
-            sequence_tokens(task.train, g) + answer_budget(plausible_side(task, g)) for g in task.test_inputs))
-        batch = decoding_batch(plannable, resident, self.dims, config.infer.batch_size, decode_length, self.scores)
-        if batch == 0:
-            raise MemoryError(f"decoding {decode_length} tokens does not fit {format_size(self.budget)}")
-        # Merged weights for inference (Backend.merged_adapter) only where their copy costs no decoding rows.
-        merge = config.infer.merge_adapter and batch == decoding_batch(
-            plannable, resident + self.merged_bytes, self.dims, batch, decode_length, self.scores)
-        decoding = resident + self.merged_bytes * merge + decoding_bytes(self.dims, batch, decode_length, self.scores)
-        record = {"budget": self.budget, "resident": resident, "train_batch": ttt.batch_size,
-                  "train_length": ttt.max_length or longest, "checkpointing": bool(plan and plan.checkpointing),
-                  "decode_batch": batch, "merged": merge,
-                  "estimated_peak": max(decoding, plan.estimated_bytes if plan else 0)}
-        return replace(config, ttt=ttt, infer=replace(config.infer, batch_size=batch, merge_adapter=merge)), record
-
-
 class InlinePool:
     """One worker in this process: a job runs when it is submitted."""
 
     def __init__(self, config: RunConfig, log: Callable[[str], None]):
         self.worker = Worker(config, log)
         self.log = log
-        self.done: list[JobResult] = []
+        self.done: list[TaskRecord] = []
 
     def idle(self) -> int:
         return 0 if self.done else 1
@@ -212,7 +134,7 @@ class InlinePool:
     def submit(self, job: Job) -> None:
         self.done.append(self.worker.run(job, self.log))
 
-    def next_result(self) -> JobResult:
+    def next_result(self) -> TaskRecord:
         return self.done.pop(0)
 
     def close(self) -> None:
@@ -248,9 +170,9 @@ def _worker_main(index: int, gpu: int | None, threads: int, config: RunConfig, j
     results.put(("ready", index, worker.describe()))
     while (job := jobs.get()) is not None:
         results.put(("start", index, job.task.id))
-        result = worker.run(job, log)
-        result.worker = result.details["worker"] = index
-        results.put(("result", index, result))
+        record = worker.run(job, log)
+        record.worker = index
+        results.put(("result", index, record))
 
 
 class ProcessPool:
@@ -280,7 +202,7 @@ class ProcessPool:
         self.pending.append(job)
         self.jobs.put(job)
 
-    def next_result(self) -> JobResult:
+    def next_result(self) -> TaskRecord:
         """The next finished job; a job whose worker died comes back as a failure with its baseline."""
         while True:
             try:
@@ -303,13 +225,13 @@ class ProcessPool:
                     raise RuntimeError(f"no worker could start: {payload}")
             elif kind == "result":
                 self.busy.pop(index, None)
-                self.pending = [j for j in self.pending if j.task.id != payload.task_id]
+                self.pending = [j for j in self.pending if j.task.id != payload.task]
                 return payload
 
     def describe(self) -> dict:
         return self.description
 
-    def _reap(self) -> JobResult | None:
+    def _reap(self) -> TaskRecord | None:
         """When a worker process has died (killed, out of memory), its job comes back as a failure."""
         for i, p in enumerate(self.processes):
             if i not in self.dead and not p.is_alive():
@@ -321,9 +243,9 @@ class ProcessPool:
             return self._give_up(self.pending[0], "no live worker", -1)
         return None
 
-    def _give_up(self, job: Job, why: str, worker: int) -> JobResult:
+    def _give_up(self, job: Job, why: str, worker: int) -> TaskRecord:
         self.pending.remove(job)
-        return JobResult(job.task.id, baseline_attempts(job.task), {"error": why, "seconds": 0.0}, worker)
+        return TaskRecord(job.task.id, baseline_attempts(job.task), error=why, seconds=0.0, worker=worker)
 
     def close(self) -> None:
         for _ in self.processes:

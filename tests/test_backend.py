@@ -357,6 +357,7 @@ def test_compiled_training_matches_eager_without_recompiling(tiny_dir) -> None:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.cpu_only
 def test_long_passes_switch_to_sdpa_with_the_same_maths(backend: Backend, monkeypatch) -> None:
     """On a CPU, passes from `sdpa_from` tokens run torch's flash kernel instead of eager attention: same loss,
     gradients and scores, and decoding switches back to its own kernel."""
@@ -393,6 +394,7 @@ def test_long_passes_switch_to_sdpa_with_the_same_maths(backend: Backend, monkey
     assert kernel._attn_implementation == backend.decode_attention == "eager_grouped"
 
 
+@pytest.mark.cpu_only
 def test_grouped_eager_decoding_and_scoring_match_transformers_eager(backend: Backend, monkeypatch) -> None:
     """On a CPU, decoding and scoring read the grouped KV cache in place (kit.attention): the tokens and scores
     of transformers' eager attention, which copies each key/value head per query head (tiny Llama: 2 per head)."""

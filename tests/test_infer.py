@@ -5,6 +5,7 @@ import pytest
 
 from kit.augment import Augmentation, task_rng
 from kit.config import InferSettings
+from kit.decode import Answer
 from kit.format import GridFormat, GridWatch
 from kit.infer import batches, predict, score_under_views
 from kit.shapes import plausible_side
@@ -63,6 +64,31 @@ def test_answers_are_inverted_voted_and_scored_under_every_view():
     assert (best.grid == test_input).all() and best.votes == 6  # two garbled answers were rejected
     # each view scores the answer as it looks there: 3x4 (16 tokens) or, transposed, 4x3 (17 tokens)
     assert sorted(best.view_scores) == [-17.0] * 4 + [-16.0] * 4
+
+
+def test_dfs_search_gives_every_answer_of_every_view_a_vote(monkeypatch):
+    """With --search dfs each view contributes all its answers (here the copy and a 1x1 grid of the background, which every view keeps), mapped back and
+    tallied: both candidates get a vote from every view and are scored under every view."""
+    rng = np.random.default_rng(1)
+    train = [Pair(g, g) for g in (rng.integers(0, 10, (2, 5), dtype=np.uint8) for _ in range(3))]
+    test_input = rng.integers(0, 10, (3, 4), dtype=np.uint8)
+    model, calls = CopyingModel(), []
+
+    def two_answers(backend, prefix, fmt, threshold, max_new_tokens, max_answers, deadline, side):
+        calls.append((threshold, max_answers, side))
+        copies = backend.decode(prefix, fmt.grid_vocabulary, fmt.eos_id, max_new_tokens, deadline,
+                                GridWatch(fmt, len(prefix), side).step)  # garbles every third
+        return [[Answer(ids, -1.0, True), Answer(fmt.encode_answer(np.zeros((1, 1), np.uint8)), -2.0)]
+                for ids in copies]
+
+    monkeypatch.setattr("kit.infer.dfs", two_answers)
+    task = Task("copy", train, [test_input])
+    candidates = predict(model, FMT, task, test_input, InferSettings(augs=8, search="dfs", dfs_threshold=0.2,
+                                                                     dfs_max=3), task_rng(0, "copy"))
+    assert calls == [(0.2, 3, plausible_side(task, test_input))]  # one batch of 8 views
+    copy, single = candidates
+    assert (copy.grid == test_input).all() and copy.votes == 6 and (single.grid == 0).all() and single.votes == 8
+    assert len(copy.view_scores) == len(single.view_scores) == 8
 
 
 def test_decodings_prefill_is_kept_for_scoring_only_where_the_decoding_batch_holds_every_view():

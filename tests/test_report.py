@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from build_submission import main as build_submission
+from kit.record import TaskRecord
 from kit.report import CARD_COLUMNS, Card, card_rows, card_status, load_run, main, render, write_report
 
 SOLVED, UNSOLVED, FALLBACK = "66e6c45b", "00576224", "be03b35f"  # small ARC-1 eval tasks, one test input each
@@ -44,12 +45,12 @@ def card_count(page_html: str) -> int:
 
 
 def test_card_status():
-    assert card_status({}, None) == "fallback"  # no record: not reached, or no model
-    assert card_status({"fallback": "no time"}, [False]) == "fallback"
-    assert card_status({"error": "boom"}, [False]) == "fallback"
-    assert card_status({"ttt_steps": 3}, [True, True]) == "solved"
-    assert card_status({"ttt_steps": 3}, [True, False]) == "unsolved"
-    assert card_status({"ttt_steps": 3}, None) == "unscored"
+    assert card_status(None, None) == "fallback"  # no record: not reached, or no model
+    assert card_status(TaskRecord("t", fallback="no time"), [False]) == "fallback"
+    assert card_status(TaskRecord("t", error="boom"), [False]) == "fallback"
+    assert card_status(TaskRecord("t", ttt_steps=3), [True, True]) == "solved"
+    assert card_status(TaskRecord("t", ttt_steps=3), [True, False]) == "unsolved"
+    assert card_status(TaskRecord("t", ttt_steps=3), None) == "unscored"
 
 
 def test_hand_made_run_loads_statuses_grids_and_truths(hand_made_run):

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from kit.record import TaskRecord
 from kit.schedule import Assignment, Difficulty, Level, Planner, Profile, TaskEstimate, levels, parse_duration
 from kit.shapes import expected_output_shape
 from kit.tasks import Pair, Task
@@ -106,8 +107,8 @@ def test_corrections_follow_measured_times():
     train = planner.profile.train_seconds(30, task.step_tokens)
     infer = planner.costs(task, Level(0, 8))[1]
     for _ in range(10):
-        planner.observe(task, {"ttt_steps": 30, "ttt_seconds": 2 * train, "planned_views": 8,
-                               "infer_seconds": 2 * infer})
+        planner.observe(task, TaskRecord("t", ttt_steps=30, ttt_seconds=2 * train, planned_views=8,
+                                         infer_seconds=2 * infer))
     assert planner.assign(task, Level(64, 8)).seconds == pytest.approx(2 * before, rel=0.05)
 
 
