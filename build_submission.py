@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from kit.config import InferSettings, LoraSettings, RunConfig, TTTSettings
-from kit.format import FormatError
+from kit.format import LOSS_ON, FormatError
 from kit.grids import GridError
 from kit.schedule import parse_duration
 from kit.tasks import BUNDLED
@@ -87,10 +87,16 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="TTT sequences per step")
     m.add_argument("--lora-rank", type=positive, default=LoraSettings.rank, metavar="R")
     m.add_argument("--lr", type=float, default=TTTSettings.lr, help="TTT learning rate")
+    m.add_argument("--loss-on", choices=LOSS_ON, default=TTTSettings.loss_on,
+                   help="TTT loss on the query output only, also on the demonstration outputs after the first "
+                        "(outputs), or on all of them (all-outputs)")
     m.add_argument("--max-length", type=positive, default=RunConfig.max_length, metavar="TOKENS",
                    help="longest sequence trained on or prompted with (demonstrations are dropped to fit)")
     m.add_argument("--rank-by", choices=("score", "votes"), default=InferSettings.rank_by,
                    help="pick attempts by product-of-experts likelihood (score) or by votes")
+    m.add_argument("--score-views", type=non_negative, default=InferSettings.score_views, metavar="N",
+                   help="views every candidate is scored under: the decoding views, then fresh ones up to N "
+                        "(product of experts; 0: the decoding views only)")
     m.add_argument("--search", choices=("greedy", "dfs"), default=InferSettings.search,
                    help="per view: the greedy answer, or every answer at least --dfs-threshold likely (DFS)")
     m.add_argument("--dfs-threshold", type=probability, default=InferSettings.dfs_threshold, metavar="P",
@@ -128,8 +134,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         workers=args.workers, memory=args.memory, resume=args.resume, plan_only=args.plan, plan_tasks=args.plan_tasks,
         calibrate=args.calibrate, profile=args.profile,
         lora=LoraSettings(rank=args.lora_rank, alpha=args.lora_rank),
-        ttt=TTTSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr),
-        infer=InferSettings(augs=args.augs, rank_by=args.rank_by, search=args.search,
+        ttt=TTTSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, loss_on=args.loss_on),
+        infer=InferSettings(augs=args.augs, score_views=args.score_views, rank_by=args.rank_by, search=args.search,
                             dfs_threshold=args.dfs_threshold, dfs_max=args.dfs_max))
 
 

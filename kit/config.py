@@ -35,11 +35,13 @@ class TTTSettings:
     converged_loss: float = 0.01  # stop once the mean loss of the last `converged_window` steps is below this
     converged_window: int = 5  # (0 disables): the adapter already reproduces the task, more steps buy nothing
     max_length: int | None = None  # longest training sequence, below the backend's (memory plan, OOM retry)
+    loss_on: str = "query"  # outputs with loss: "query", "outputs" (+ demonstrations after the first), "all-outputs"
 
 
 @dataclass
 class InferSettings:
     augs: int = 8  # views decoded per test input
+    score_views: int = 0  # views every candidate is scored under (the decoding views, then fresh ones); 0: augs
     batch_size: int = 16  # sequences per forward pass when decoding and scoring
     max_batch_tokens: int = 4096  # and padded tokens per forward pass (memory, and time past a deadline)
     keep_background: bool = True

@@ -140,11 +140,10 @@ def _search_row(backend: Backend, prefix: Prefix, row: int, fmt: GridFormat, voc
     zero = np.zeros(1, np.int64)
     stack = [_Node([], 0.0, (zero, zero, zero), True)]
     answers: list[Answer] = []
-    first = True
     # past `max_answers`, only the greedy descent goes on (its node is always on top): its answer must be there
     while stack and (len(answers) < max_answers or stack[-1].greedy):
         node = stack.pop()
-        if not first:  # step the path's last token onto its parent's keys and values (all on the cache)
+        if node.tokens:  # not the root: step the path's last token onto its parent's keys and values
             if deadline is not None and time.monotonic() >= deadline:
                 break
             parent = len(node.tokens) - 1
@@ -156,7 +155,6 @@ def _search_row(backend: Backend, prefix: Prefix, row: int, fmt: GridFormat, voc
             token = torch.tensor([node.tokens[-1]], dtype=torch.long, device=head.device)
             cache, hidden = backend.step(token, mask, positions, cache)
             fed = parent + 1
-        first = False
         log_probs = torch.log_softmax(backend.logits(hidden, head)[0], -1).double().cpu().numpy()
         totals = node.log_prob + log_probs
         width, line, lines, doomed = grid_step(fmt, max_side, *(np.repeat(s, len(vocab)) for s in node.state), vocab)

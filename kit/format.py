@@ -72,6 +72,9 @@ def demos_that_fit(demos: Sequence[Pair], query_input: Grid, answer_tokens: int,
     return kept if total <= max_tokens else None
 
 
+LOSS_ON = ("query", "outputs", "all-outputs")  # which outputs of a training sequence carry loss (encode_example)
+
+
 @dataclass(frozen=True)
 class GridFormat:
     """The token ids of the format's symbols for one tokenizer."""
@@ -125,12 +128,25 @@ class GridFormat:
         """The continuation the model must produce for an output grid: its rows, then EOS."""
         return np.append(self.encode_grid(grid), self.eos_id)
 
-    def encode_example(self, demos: Sequence[Pair], query: Pair) -> tuple[np.ndarray, np.ndarray]:
-        """Ids and labels of a training sequence; only the query output and its EOS carry loss."""
-        prompt, answer = self.encode_prompt(demos, query.input), self.encode_answer(query.output)
-        ids = np.concatenate([prompt, answer])
-        labels = np.concatenate([np.full(len(prompt), IGNORE, dtype=np.int64), answer])
-        return ids, labels
+    def encode_example(self, demos: Sequence[Pair], query: Pair, loss_on: str = "query"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Ids (`encode_prompt` + `encode_answer`) and labels of a training sequence. The query output and its EOS
+        carry loss; with `loss_on` "outputs" every demonstration output after the first too (each follows
+        examples of the rule, as the query's does), with "all-outputs" the first as well (the MIT paper's
+        variants: loss on the demonstration outputs was worth 3 points there)."""
+        if loss_on not in LOSS_ON:
+            raise ValueError(f"unknown loss_on {loss_on!r}: choose from {', '.join(LOSS_ON)}")
+        ids = [] if self.bos_id is None else [np.array([self.bos_id])]
+        labels = [np.full(len(ids), IGNORE, dtype=np.int64)]
+        pairs = [*demos, query]
+        for i, pair in enumerate(pairs):
+            head = np.concatenate([[self.input_id], self.encode_grid(pair.input), [self.output_id]])
+            answer = self.encode_answer(pair.output)
+            learned = i == len(pairs) - 1 or loss_on == "all-outputs" or (loss_on == "outputs" and i > 0)
+            ids += [head, answer]
+            labels += [np.full(len(head), IGNORE, dtype=np.int64),
+                       answer if learned else np.full(len(answer), IGNORE, dtype=np.int64)]
+        return np.concatenate(ids).astype(np.int64), np.concatenate(labels).astype(np.int64)
 
     def parse_grid(self, ids: Sequence[int]) -> Grid:
         """Generated ids (after the output marker) back to a grid. Stops at the first EOS, which must come;

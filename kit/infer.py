@@ -69,7 +69,12 @@ def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, set
         if keep:
             prefilled.append((group, prefix))
     candidates = tally(grids)
-    score_under_views(backend, fmt, candidates, views, prompts, settings, deadline, prefilled if keep else None)
+    # Fresh views (new symmetries, colours and orders) judge the candidates too: experts that did not decode them.
+    fresh = [random_augmentation(rng, len(task.train), settings.keep_background, symmetry=i % NUM_SYMMETRIES)
+             for i in range(len(views), settings.score_views)]
+    fresh_views, fresh_prompts = view_prompts(fmt, task, test_input, fresh, answer_tokens, backend.max_length)
+    score_under_views(backend, fmt, candidates, views + fresh_views, prompts + fresh_prompts, settings, deadline,
+                      prefilled if keep else None)
     return candidates
 
 
@@ -125,14 +130,17 @@ def score_under_views(backend: Backend, fmt: GridFormat, candidates: list[Candid
     """Fill each candidate's view_scores: log p(candidate seen through the view | the view's prompt). The prompts
     run once, batched (`Backend.prefill`, or decoding's `prefilled` groups of views, reused), then all
     (candidate, view) answers in batches after them: views x prompt + candidates x views x answer tokens instead
-    of candidates x views x (prompt + answer), in a few passes. Pairs not scored by `deadline` score -inf, like
-    over-long ones: ranking then falls back on votes."""
+    of candidates x views x (prompt + answer), in a few passes. `prefilled` may cover some views only (the
+    decoding views, not the fresh ones). Pairs not scored by `deadline` stay -inf, like over-long ones: a
+    candidate is then judged on the views that did score it (`Candidate.score`)."""
     scores = np.full((len(candidates), len(views)), float("-inf"))
     answers = [[fmt.encode_answer(view.grid(c.grid)) for c in candidates] for view in views]
-    if prefilled is None:
-        longest = max((len(a) for seen in answers for a in seen), default=0)
-        prefilled = [(group, None) for group in batches([len(p) + longest for p in prompts], settings)]
-    for group, prefix in prefilled if candidates else []:
+    covered = {v for group, _ in prefilled or [] for v in group}
+    rest = [v for v in range(len(views)) if v not in covered]
+    longest = max((len(a) for seen in answers for a in seen), default=0)
+    groups = list(prefilled or []) + [([rest[i] for i in chunk], None)
+                                      for chunk in batches([len(prompts[v]) + longest for v in rest], settings)]
+    for group, prefix in groups if candidates else []:
         # A candidate too long to be seen through a view scores -inf there (no evidence for it) instead of failing.
         pairs = [(c, v) for v in group for c in range(len(candidates))
                  if len(prompts[v]) + len(answers[v][c]) <= backend.max_length]

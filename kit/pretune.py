@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from kit.atomic import atomic_file, write_json_atomic
+from kit.format import LOSS_ON
 from kit.tasks import Task, evaluation_ids, load_bundled, load_challenges
 from kit.ttt import adamw, bucketed_batches, collate, lr_factor, train_step, training_sequences
 
@@ -51,6 +52,7 @@ class PretuneSettings:
     save_every: int = 50
     seed: int = 0
     backend: str = "auto"
+    loss_on: str = "query"  # outputs of each sequence that carry loss (kit.format.LOSS_ON); held-out loss: query only
     resume: bool = False
 
 
@@ -84,7 +86,7 @@ def chunk_batches(fmt, tasks: list[Task], settings: PretuneSettings, chunk: int)
     sequences = []
     while len(sequences) < CHUNK * settings.batch_size:
         task = tasks[int(rng.integers(len(tasks)))]
-        sequences += training_sequences(fmt, task, 1, settings.max_length, rng)
+        sequences += training_sequences(fmt, task, 1, settings.max_length, rng, loss_on=settings.loss_on)
     return bucketed_batches(sequences, settings.batch_size, rng)
 
 
@@ -211,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name), metavar="N")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--backend", choices=("auto", "unsloth", "peft"), default=d.backend)
+    p.add_argument("--loss-on", choices=LOSS_ON, default=d.loss_on,
+                   help="outputs that carry loss: the query's, also the demonstrations' after the first, or all")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     args = vars(p.parse_args(argv))
     if any(name.endswith("eval") for name in args["sets"]):

@@ -1,6 +1,7 @@
 """Per-task test-time training: a fresh LoRA learns the task from its own demonstrations.
 
-Leave-one-out sequences under random invertible augmentations, loss on the held-out output only, batches
+Leave-one-out sequences under random invertible augmentations, loss on the held-out output (or on every output,
+`TTTSettings.loss_on`), batches
 bucketed by length (little padding), a plain AdamW loop with linear warm-up/decay that stops at its step
 budget, its deadline or convergence, whichever comes first. Sequences too long for the model lose
 demonstrations.
@@ -37,15 +38,16 @@ Sequence = tuple[np.ndarray, np.ndarray]  # ids, labels
 
 
 def training_sequences(fmt: GridFormat, task: Task, count: int, max_length: int, rng: np.random.Generator,
-                       keep_background: bool = True) -> list[Sequence]:
-    """`count` encoded leave-one-out examples; demonstrations are dropped where a sequence would be too long,
-    and an example whose query alone is too long is left out."""
+                       keep_background: bool = True, loss_on: str = "query") -> list[Sequence]:
+    """`count` encoded leave-one-out examples, loss on the outputs `loss_on` names (`GridFormat.encode_example`);
+    demonstrations are dropped where a sequence would be too long, and an example whose query alone is too long
+    is left out."""
     sequences = []
     for ex in leave_one_out(task, rng, count, keep_background):
         demos = demos_that_fit(ex.demos, ex.query.input, grid_tokens(ex.query.output.shape) + 1, max_length,
                           bos=fmt.bos_id is not None)
         if demos is not None:
-            sequences.append(fmt.encode_example(demos, ex.query))
+            sequences.append(fmt.encode_example(demos, ex.query, loss_on))
     return sequences
 
 
@@ -78,7 +80,7 @@ def train_task(backend: Backend, fmt: GridFormat, task: Task, settings: TTTSetti
     if settings.steps > 0:
         length = min(backend.max_length, settings.max_length or backend.max_length)
         sequences = training_sequences(fmt, task, settings.steps * settings.batch_size, length, rng,
-                                       settings.keep_background)
+                                       settings.keep_background, settings.loss_on)
         if sequences:
             batches = bucketed_batches(sequences, settings.batch_size, rng)
             train_on_batches(backend, fmt, batches, settings, deadline, result)

@@ -21,8 +21,11 @@ class Candidate:
 
     @property
     def score(self) -> float:
-        """Mean log-likelihood across views: the product of the views' experts, normalised per view."""
-        return float(np.mean(self.view_scores)) if self.view_scores else float("-inf")
+        """Mean log-likelihood across the views that scored it: the product of the views' experts, normalised per
+        view. A view that could not (the candidate too long for it, or the deadline) is no evidence either way:
+        it is left out rather than counted as -inf, which would rank a right answer last for one missing view."""
+        scored = [s for s in self.view_scores if s != float("-inf")]
+        return float(np.mean(scored)) if scored else float("-inf")
 
     def to_record(self) -> dict:
         return {"grid": to_json(self.grid), "votes": self.votes, "score": self.score,

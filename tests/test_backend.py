@@ -305,6 +305,7 @@ def test_score_is_the_summed_log_prob_of_a_plain_forward(backend: Backend, vocab
         backend.score(prefix, [1], [np.zeros(backend.max_length - 11, np.int64)], vocab)
 
 
+@pytest.mark.slow
 def test_real_default_model_generates_and_scores() -> None:
     """The shipped model end to end on a tiny real prompt (built from the GGUF once, then cached)."""
     backend = load_backend(ensure_default_model(), kind="auto", max_length=512, log=lambda _: None)
@@ -321,6 +322,7 @@ def test_real_default_model_generates_and_scores() -> None:
     assert np.isfinite(scores).all() and (scores < 0).all()
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_without_recompiling(tiny_dir) -> None:
     """The compiled training pass gives the eager loss and gradients; other lengths and batch sizes reuse its
     graph, and one-row batches, scoring and decoding run eagerly instead of compiling anew."""

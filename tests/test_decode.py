@@ -9,11 +9,14 @@ import pytest
 import torch
 from test_backend import save_tiny_llama
 
-from kit.augment import task_rng
+from kit.augment import random_augmentation, task_rng
 from kit.backend import load_backend
-from kit.config import LoraSettings, TTTSettings
+from kit.backend.cache import index_in
+from kit.config import InferSettings, LoraSettings, TTTSettings
 from kit.decode import dfs, greedy
-from kit.format import GridFormat, GridWatch
+from kit.format import GridFormat, GridWatch, answer_budget
+from kit.infer import inference_views, predict, view_prompt
+from kit.shapes import plausible_side
 from kit.tasks import Pair, Task
 from kit.ttt import train_task
 
@@ -110,8 +113,8 @@ def test_dfs_finds_exactly_the_answers_above_its_threshold_greedy_first(backend,
 def test_dfs_keeps_its_cap_with_the_greedy_answer_and_stops_at_its_deadline(backend, fmt):
     batch = prompts(fmt, 4)
     prefix = backend.prefill(batch)
-    wide = dfs(backend, prefix, fmt, 1e-6, MAX_NEW, max_answers=100)
-    capped = dfs(backend, prefix, fmt, 1e-6, MAX_NEW, max_answers=2)
+    wide = dfs(backend, prefix, fmt, 1e-3, MAX_NEW, max_answers=100)
+    capped = dfs(backend, prefix, fmt, 1e-3, MAX_NEW, max_answers=2)
     for row, prompt in enumerate(batch):
         assert len(wide[row]) > 2 and len(capped[row]) == 2
         wanted_greedy = greedy_answer(backend, fmt, prompt)
@@ -122,6 +125,31 @@ def test_dfs_keeps_its_cap_with_the_greedy_answer_and_stops_at_its_deadline(back
     late = dfs(backend, prefix, fmt, 1e-12, 12, 10_000, deadline=deadline)
     assert time.monotonic() - deadline < 0.2  # one step past it at most (a step of the tiny model takes ms)
     assert sum(map(len, late)) < 10_000
+
+
+def test_scores_under_fresh_views_equal_a_full_forward_per_pair(backend, fmt):
+    """predict with 3 decoding views and 7 score views: every candidate is scored under all 7 (4 of them fresh,
+    with their own prompts), each score the log-probability a plain forward of prompt + answer gives."""
+    task = background_task()
+    test_input = np.array([[3, 1], [4, 1]], np.uint8)
+    settings = InferSettings(augs=3, score_views=7, search="dfs", dfs_threshold=0.01, dfs_max=4)
+    rng = task_rng(0, "background", "infer")
+    candidates = predict(backend, fmt, task, test_input, settings, rng)
+    assert candidates and all(len(c.view_scores) == 7 for c in candidates)
+    replay = task_rng(0, "background", "infer")  # the same views, drawn again in predict's order
+    views = inference_views(replay, 3, len(task.train))
+    views += [random_augmentation(replay, len(task.train), symmetry=i % 8) for i in range(3, 7)]
+    side = answer_budget(plausible_side(task, test_input))
+    for v, view in enumerate(views):
+        prompt = view_prompt(fmt, task, test_input, view, side, backend.max_length)
+        for candidate in candidates:
+            answer = fmt.encode_answer(view.grid(candidate.grid))
+            ids = torch.from_numpy(np.concatenate([prompt, answer]))[None]
+            with torch.no_grad():
+                logits = backend.model(input_ids=ids).logits.float()[0, len(prompt) - 1:-1, fmt.grid_vocabulary]
+            expected = logits.log_softmax(-1).gather(1, index_in(torch.from_numpy(answer),
+                                                                 torch.tensor(fmt.grid_vocabulary))[:, None]).sum()
+            assert candidate.view_scores[v] == pytest.approx(float(expected), abs=1e-3)
 
 
 def test_dfs_refuses_a_threshold_outside_0_1(backend, fmt):

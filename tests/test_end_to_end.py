@@ -8,6 +8,8 @@ from build_submission import main
 from kit.submission import load_submission
 from kit.tasks import load_bundled
 
+pytestmark = pytest.mark.slow  # the real default model on a real task
+
 SMALL_TASK = "66e6c45b"  # the smallest ARC-1 eval task by token count
 
 

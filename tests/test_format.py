@@ -69,6 +69,26 @@ def test_only_the_query_output_carries_loss(fmt):
     assert (labels[:-len(learned)] == IGNORE).all()
 
 
+@pytest.mark.parametrize("loss_on", ["query", "outputs", "all-outputs"])
+def test_the_outputs_loss_masks_exactly_the_demonstration_outputs(fmt, loss_on):
+    """Ids never change with loss_on; labels are the ids exactly on the outputs it names (rows and EOS), IGNORE
+    everywhere else: markers, inputs, BOS."""
+    demos = [Pair(np.ones((2, 2), np.uint8), np.zeros((1, 1), np.uint8)),
+             Pair(np.full((1, 2), 3, np.uint8), np.full((2, 2), 4, np.uint8))]
+    query = Pair(np.full((1, 3), 7, np.uint8), np.full((2, 1), 8, np.uint8))
+    ids, labels = fmt.encode_example(demos, query, loss_on)
+    assert np.array_equal(ids, np.concatenate([fmt.encode_prompt(demos, query.input), fmt.encode_answer(query.output)]))
+    outputs = [fmt.encode_answer(p.output) for p in (*demos, query)]
+    learned = {"query": [2], "outputs": [1, 2], "all-outputs": [0, 1, 2]}[loss_on]
+    expected = np.full(len(ids), IGNORE)
+    ends = np.flatnonzero(ids == fmt.eos_id)  # each output ends at its EOS, in order
+    for i in learned:
+        expected[ends[i] - len(outputs[i]) + 1:ends[i] + 1] = outputs[i]
+    assert np.array_equal(labels, expected)
+    with pytest.raises(ValueError, match="loss_on"):
+        fmt.encode_example(demos, query, "inputs")
+
+
 class SplittingTokenizer:
     """A tokenizer whose digits are not single tokens: the format must refuse it."""
 

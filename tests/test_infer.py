@@ -67,8 +67,9 @@ def test_answers_are_inverted_voted_and_scored_under_every_view():
 
 
 def test_dfs_search_gives_every_answer_of_every_view_a_vote(monkeypatch):
-    """With --search dfs each view contributes all its answers (here the copy and a 1x1 grid of the background, which every view keeps), mapped back and
-    tallied: both candidates get a vote from every view and are scored under every view."""
+    """With --search dfs each view contributes all its answers (here the copy and a 1x1 grid of the background,
+    which every view keeps), mapped back and tallied: both candidates get a vote from every view that decoded them
+    and are scored under every view."""
     rng = np.random.default_rng(1)
     train = [Pair(g, g) for g in (rng.integers(0, 10, (2, 5), dtype=np.uint8) for _ in range(3))]
     test_input = rng.integers(0, 10, (3, 4), dtype=np.uint8)
@@ -89,6 +90,17 @@ def test_dfs_search_gives_every_answer_of_every_view_a_vote(monkeypatch):
     copy, single = candidates
     assert (copy.grid == test_input).all() and copy.votes == 6 and (single.grid == 0).all() and single.votes == 8
     assert len(copy.view_scores) == len(single.view_scores) == 8
+
+
+def test_fresh_score_views_get_their_own_prompts_after_decodings():
+    rng = np.random.default_rng(2)
+    train = [Pair(g, g) for g in (rng.integers(0, 10, (2, 3), dtype=np.uint8) for _ in range(2))]
+    test_input = rng.integers(0, 10, (2, 2), dtype=np.uint8)
+    model = CopyingModel()
+    candidates = predict(model, FMT, Task("copy", train, [test_input]), test_input,
+                         InferSettings(augs=4, score_views=10), task_rng(0, "copy"))
+    assert model.prefilled == [4, 6]  # decoding's prefill reused for its 4 views, one more pass for the 6 fresh
+    assert all(len(c.view_scores) == 10 for c in candidates)
 
 
 def test_decodings_prefill_is_kept_for_scoring_only_where_the_decoding_batch_holds_every_view():
@@ -122,6 +134,7 @@ def test_a_candidate_too_long_for_a_view_gets_no_score_there_instead_of_failing(
     score_under_views(model, FMT, [candidate], [Augmentation(), Augmentation(symmetry=4)], prompts,
                       InferSettings(batch_size=4))
     assert candidate.view_scores == [-8.0, float("-inf")]
+    assert candidate.score == -8.0  # judged on the view that scored it, not ranked last for the one that could not
 
 
 def test_view_prompts_run_once_for_all_candidates_in_bounded_batches():

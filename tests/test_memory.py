@@ -191,6 +191,7 @@ def train_step(backend, batch: int, length: int, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+@pytest.mark.slow
 def test_a_planned_training_step_stays_under_its_budget():
     """Run in a fresh process, as a worker is: the heap of a process that has run other tests is not what the
     estimates model."""

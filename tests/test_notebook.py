@@ -8,9 +8,12 @@ from pathlib import Path
 
 import nbclient
 import nbformat
+import pytest
 
 from kit import kaggle
 from kit.submission import load_submission
+
+pytestmark = pytest.mark.slow  # the notebook in a real kernel, with the real default model
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["66e6c45b", "00576224"]  # small grids: a few seconds each on a CPU

@@ -35,6 +35,7 @@ def test_the_cli_refuses_an_evaluation_set(capsys):
     assert "evaluation sets are never used" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_pretune_killed_after_a_checkpoint_resumes_to_the_same_adapter(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

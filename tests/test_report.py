@@ -101,6 +101,7 @@ def test_cli_writes_the_report(hand_made_run, capsys):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium)")
+@pytest.mark.slow
 def test_report_of_a_real_run_in_headless_chromium(tmp_path):
     from playwright.sync_api import sync_playwright
 

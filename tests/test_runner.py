@@ -16,6 +16,8 @@ from build_submission import main
 from kit.submission import load_submission
 from kit.tasks import load_bundled
 
+pytestmark = pytest.mark.slow  # the real default model through the CLI and worker processes
+
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # what the workers run on
 SMALL = ["66e6c45b", "00576224", "be03b35f", "4cd1b7b2", "e633a9e5", "ca8de6ea"]  # smallest ARC-1 eval tasks
@@ -84,7 +86,7 @@ def test_kills_at_random_moments_leave_a_valid_file_and_resume_finishes_without_
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # the last kill waits, where no task has finished yet, for one to finish: resume must have work to keep
         last = n == len(signals) - 1
-        sleep_while_running(out, process, float(rng.uniform(8, 25)), until_finished=int(last))
+        sleep_while_running(out, process, float(rng.uniform(5, 15)), until_finished=int(last))
         process.send_signal(sig)
         process.wait(timeout=60)
         assert set(load_submission(out, counts(ids))) == set(ids)  # complete and valid after every kill

@@ -1,5 +1,6 @@
 """The TTT loop on a tiny random Llama: budgets, deadline, convergence, and a fresh adapter for every task."""
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -44,14 +45,17 @@ def test_trains_its_step_budget_and_records_losses(backend, fmt):
 
 
 def test_stops_at_the_deadline(backend, fmt):
-    """Training that would run 10,000 steps stops at a deadline half a second away: some steps done, none started
+    """Training that would run 400 steps stops at a deadline about ten steps away: some steps done, none started
     that its last step's duration said would end past the deadline."""
-    deadline = time.monotonic() + 0.5
-    result = train_task(backend, fmt, small_task(), TTTSettings(steps=10_000, batch_size=2, converged_window=0),
-                        task_rng(0, "t"), seed=1, deadline=deadline)
+    settings = TTTSettings(steps=400, batch_size=2, converged_window=0)
+    warm = train_task(backend, fmt, small_task(), replace(settings, steps=3), task_rng(0, "t"), seed=1)
+    step = warm.seconds / warm.steps  # this machine's step time (data included), as loaded as it is now
+    assert 400 * step > 0.3 + 10 * step  # the deadline comes long before the step budget
+    deadline = time.monotonic() + 0.3 + 10 * step  # 0.3 s for drawing the 800 sequences
+    result = train_task(backend, fmt, small_task(), settings, task_rng(0, "t"), seed=1, deadline=deadline)
     ended = time.monotonic()
-    assert result.stopped == "deadline" and 0 < result.steps < 10_000 and len(result.losses) == result.steps
-    assert ended - deadline < 0.25  # at most about one step past it (a step of the tiny model is ~10 ms)
+    assert result.stopped == "deadline" and 0 < result.steps < 400 and len(result.losses) == result.steps
+    assert ended - deadline < 3 * step + 0.05  # about one step past it at most
 
 
 def test_stops_when_converged(backend, fmt):

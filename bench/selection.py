@@ -1,0 +1,111 @@
+"""Candidate search and selection, measured on tasks the evaluation never sees: the ARC-AGI-1 training tasks that
+`kit.pretune` holds out. Per task the adapter is trained once per TTT loss setting; every search and scoring
+setting then runs on that same adapter, so the table compares them on equal training, in one run.
+
+    python bench/selection.py [--tasks N] [--steps N] [--augs N] [--thresholds P ...] [--score-views N]
+
+Per setting: oracle (share of test outputs whose right answer is among the candidates), two-attempt accuracy,
+candidates per test input, and seconds per task (TTT + that setting's inference). Settings: greedy against DFS at
+each threshold, scored under the decoding views only or under --score-views views (fresh ones added), for TTT loss
+on the query output and on every output.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kit.augment import task_rng  # noqa: E402
+from kit.config import InferSettings, RunConfig, TTTSettings  # noqa: E402
+from kit.format import task_tokens  # noqa: E402
+from kit.infer import predict  # noqa: E402
+from kit.pretune import PretuneSettings, training_tasks  # noqa: E402
+from kit.ttt import train_task  # noqa: E402
+from kit.vote import rank, two_attempts  # noqa: E402
+from kit.weights import ensure_default_model  # noqa: E402
+from kit.workers import Worker  # noqa: E402
+
+
+@dataclass
+class Tally:
+    """What one setting did over the tasks so far."""
+    outputs: int = 0
+    oracle: int = 0
+    solved: int = 0
+    candidates: int = 0
+    seconds: list[float] = field(default_factory=list)
+
+    def row(self, name: str) -> str:
+        n = max(self.outputs, 1)
+        return (f"| {name} | {self.oracle}/{self.outputs} ({self.oracle / n:.0%}) | {self.solved}/{self.outputs} "
+                f"({self.solved / n:.0%}) | {self.candidates / n:.1f} | {np.mean(self.seconds or [0]):.1f} |")
+
+
+def held_out_tasks(count: int) -> list:
+    """The `count` smallest (by tokens) of the ARC-AGI-1 training tasks kit.pretune holds out by default."""
+    _, held, _ = training_tasks(PretuneSettings(sets=["arc1-train"]), log=lambda _: None)
+    return sorted(held, key=task_tokens)[:count]
+
+
+def searches(thresholds: list[float], score_views: int, augs: int) -> dict[str, InferSettings]:
+    base = InferSettings(augs=augs)
+    settings = {"greedy": base}
+    settings |= {f"dfs p={p:g}": replace(base, search="dfs", dfs_threshold=p) for p in thresholds}
+    if score_views > augs:
+        settings |= {f"{name} + {score_views} score views": replace(s, score_views=score_views)
+                     for name, s in list(settings.items())}
+    return settings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=40, help="the N smallest of the 40 held-out tasks")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--augs", type=int, default=8)
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[0.1, 0.2])
+    parser.add_argument("--score-views", type=int, default=16)
+    parser.add_argument("--loss-on", nargs="*", default=["query", "outputs"])
+    args = parser.parse_args()
+    tasks = held_out_tasks(args.tasks)
+    config = RunConfig(model=ensure_default_model(lambda _: None), backend="peft", compile="off",
+                       ttt=TTTSettings(steps=args.steps))
+    worker = Worker(config, log=lambda _: None)
+    settings = searches(args.thresholds, args.score_views, args.augs)
+    tallies = {(loss, name): Tally() for loss in args.loss_on for name in settings}
+    for n, task in enumerate(tasks, 1):
+        for loss in args.loss_on:
+            run = replace(config, ttt=replace(config.ttt, loss_on=loss))
+            run, _ = worker.memory.plan_task(task, run)
+            seed = zlib.crc32(f"{run.seed}:{task.id}".encode())
+            ttt = train_task(worker.backend, worker.fmt, task, run.ttt, task_rng(run.seed, task.id, "ttt"), seed)
+            for name, infer in settings.items():
+                infer = replace(infer, batch_size=run.infer.batch_size, merge_adapter=run.infer.merge_adapter)
+                rng, start = task_rng(run.seed, task.id, "infer"), time.monotonic()
+                tally = tallies[loss, name]
+                with worker.backend.merged_adapter() if infer.merge_adapter else nullcontext():
+                    for test_input, truth in zip(task.test_inputs, task.test_outputs):
+                        ranked = rank(predict(worker.backend, worker.fmt, task, test_input, infer, rng), infer.rank_by)
+                        tally.outputs += 1
+                        tally.candidates += len(ranked)
+                        tally.oracle += any(np.array_equal(c.grid, truth) for c in ranked)
+                        tally.solved += any(np.array_equal(a, truth) for a in two_attempts(ranked, test_input))
+                tally.seconds.append(ttt.seconds + time.monotonic() - start)
+        print(f"task {n}/{len(tasks)} {task.id} done", flush=True)
+    print(f"\n{len(tasks)} held-out ARC-AGI-1 training tasks, {args.steps} TTT steps, {args.augs} decoding views")
+    print("| TTT loss, search, scoring | oracle | two attempts | candidates per test input | seconds per task |")
+    print("|---|---|---|---|---|")
+    for (loss, name), tally in tallies.items():
+        print(tally.row(f"{loss}, {name}"))
+
+
+if __name__ == "__main__":
+    main()
