@@ -15,6 +15,7 @@ from kit.weights import (
     MANIFEST,
     ModelDirError,
     check_model_dir,
+    ensure_default_model,
     format_token_ids,
     load_base,
     merge_adapter,
@@ -171,23 +172,24 @@ def test_the_cli_stops_with_one_line_on_a_corrupt_model(packed_tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_kit_pack_of_the_default_gguf_with_a_shrunk_vocabulary_runs_a_real_task(tmp_path):
-    """The default GGUF packed twice by `kit.pack`, with and without `--shrink-vocab`, then a dry run on each: the
-    16-token model runs and learns and answers as the full-vocabulary one does on the same seed (the kit restricts
-    the loss and decoding to the grid tokens, so the other rows change nothing)."""
+def test_kit_pack_of_the_default_model_with_a_shrunk_vocabulary_runs_a_real_task(tmp_path):
+    """The embedded default packed again by `kit.pack --shrink-vocab`, then a dry run on it and one on the default:
+    the 16-token model runs and learns and answers as the full-vocabulary one does on the same seed (the kit
+    restricts the loss and decoding to the grid tokens, so the other rows change nothing)."""
+    default = ensure_default_model()
+    done = subprocess.run([sys.executable, "-m", "kit.pack", "--name", "smollm2-16", "--base", str(default),
+                           "--shrink-vocab", "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
     runs = {}
-    for name, shrink in (("smollm2-16", ["--shrink-vocab"]), ("smollm2-full", [])):
-        done = subprocess.run([sys.executable, "-m", "kit.pack", "--name", name, *shrink, "--out-dir", str(tmp_path)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr
-        packed = tmp_path / name
-        out = tmp_path / f"{name}.run" / "submission.json"
+    for name, model in (("shrunk", tmp_path / "smollm2-16"), ("full", default)):
+        out = tmp_path / name / "submission.json"
         done = subprocess.run([sys.executable, "build_submission.py", "--dataset", "arc1-eval", "--tasks", "66e6c45b",
-                               "--model", str(packed), "--steps", "4", "--augs", "2", "--backend", "peft",
+                               "--model", str(model), "--steps", "4", "--augs", "2", "--backend", "peft",
                                "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
         [record] = [json.loads(line) for line in out.with_name("submission.log.jsonl").read_text().splitlines()]
-        runs[name] = check_model_dir(packed)["vocab_size"], done.stdout, json.loads(out.read_text()), record
+        runs[name] = check_model_dir(model)["vocab_size"], done.stdout, json.loads(out.read_text()), record
     (shrunk_size, shrunk_out, shrunk, shrunk_record), (full_size, full_out, full, full_record) = runs.values()
     assert shrunk_size == 16 and full_size > 40_000
     assert "vocabulary shrunk to 16 tokens" in shrunk_out and "vocabulary shrunk" not in full_out
