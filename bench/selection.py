@@ -99,12 +99,14 @@ def main() -> None:
                         tally.oracle += any(np.array_equal(c.grid, truth) for c in ranked)
                         tally.solved += any(np.array_equal(a, truth) for a in two_attempts(ranked, test_input))
                 tally.seconds.append(ttt.seconds + time.monotonic() - start)
-        print(f"task {n}/{len(tasks)} {task.id} done", flush=True)
-    print(f"\n{len(tasks)} held-out ARC-AGI-1 training tasks, {args.steps} TTT steps, {args.augs} decoding views")
-    print("| TTT loss, search, scoring | oracle | two attempts | candidates per test input | seconds per task |")
-    print("|---|---|---|---|---|")
-    for (loss, name), tally in tallies.items():
-        print(tally.row(f"{loss}, {name}"))
+        # the table so far after every task: a long run that is stopped still says what it measured
+        print(f"\n{n} of {len(tasks)} held-out ARC-AGI-1 training tasks ({' '.join(t.id for t in tasks[:n])}), "
+              f"{args.steps} TTT steps, {args.augs} decoding views")
+        print("| TTT loss, search, scoring | oracle | two attempts | candidates per test input | seconds per task |")
+        print("|---|---|---|---|---|")
+        for (loss, name), tally in tallies.items():
+            print(tally.row(f"{loss}, {name}"))
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
