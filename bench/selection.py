@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kit.augment import task_rng  # noqa: E402
+from kit.augment import task_rng, task_seed  # noqa: E402
 from kit.config import InferSettings, RunConfig, TTTSettings  # noqa: E402
 from kit.format import task_tokens  # noqa: E402
 from kit.infer import predict  # noqa: E402
@@ -85,8 +84,8 @@ def main() -> None:
         for loss in args.loss_on:
             run = replace(config, ttt=replace(config.ttt, loss_on=loss))
             run, _ = worker.memory.plan_task(task, run)
-            seed = zlib.crc32(f"{run.seed}:{task.id}".encode())
-            ttt = train_task(worker.backend, worker.fmt, task, run.ttt, task_rng(run.seed, task.id, "ttt"), seed)
+            ttt = train_task(worker.backend, worker.fmt, task, run.ttt, task_rng(run.seed, task.id, "ttt"),
+                             task_seed(run.seed, task.id))
             for name, infer in settings.items():
                 infer = replace(infer, batch_size=run.infer.batch_size, merge_adapter=run.infer.merge_adapter)
                 rng, start = task_rng(run.seed, task.id, "infer"), time.monotonic()

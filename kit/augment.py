@@ -102,6 +102,11 @@ def random_augmentation(rng: np.random.Generator, num_demos: int, keep_backgroun
     return Augmentation(symmetry, colours, tuple(int(i) for i in rng.permutation(num_demos)))
 
 
+def task_seed(seed: int, task_id: str) -> int:
+    """One integer from the run seed and the task id (a task's fresh LoRA): runs are reproducible."""
+    return zlib.crc32(f"{seed}:{task_id}".encode())
+
+
 def task_rng(seed: int, task_id: str, purpose: str = "") -> np.random.Generator:
     """A generator that depends only on the run seed, the task id and what it is for: runs are reproducible."""
     return np.random.default_rng([seed, zlib.crc32(task_id.encode()), zlib.crc32(purpose.encode())])

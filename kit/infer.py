@@ -23,9 +23,15 @@ if TYPE_CHECKING:  # the backend imports torch and transformers; only its types 
 def inference_views(rng: np.random.Generator, count: int, num_demos: int, keep_background: bool = True
                     ) -> list[Augmentation]:
     """The identity first, then random views that cycle through the other symmetries."""
-    others = [random_augmentation(rng, num_demos, keep_background, symmetry=i % NUM_SYMMETRIES)
-              for i in range(1, count)]
-    return [Augmentation(), *others]
+    return [Augmentation(), *cycled_views(rng, 1, count, num_demos, keep_background)]
+
+
+def cycled_views(rng: np.random.Generator, start: int, stop: int, num_demos: int, keep_background: bool = True
+                 ) -> list[Augmentation]:
+    """Random views number `start` to `stop` - 1, view i under symmetry i mod 8, with random colours and
+    demonstration orders (the decoding views after the identity, then fresh score views after those)."""
+    return [random_augmentation(rng, num_demos, keep_background, symmetry=i % NUM_SYMMETRIES)
+            for i in range(start, stop)]
 
 
 def view_prompt(fmt: GridFormat, task: Task, test_input: Grid, view: Augmentation, answer_tokens: int,
@@ -70,8 +76,7 @@ def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, set
             prefilled.append((group, prefix))
     candidates = tally(grids)
     # Fresh views (new symmetries, colours and orders) judge the candidates too: experts that did not decode them.
-    fresh = [random_augmentation(rng, len(task.train), settings.keep_background, symmetry=i % NUM_SYMMETRIES)
-             for i in range(len(views), settings.score_views)]
+    fresh = cycled_views(rng, len(views), settings.score_views, len(task.train), settings.keep_background)
     fresh_views, fresh_prompts = view_prompts(fmt, task, test_input, fresh, answer_tokens, backend.max_length)
     score_under_views(backend, fmt, candidates, views + fresh_views, prompts + fresh_prompts, settings, deadline,
                       prefilled if keep else None)

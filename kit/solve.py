@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import time
-import zlib
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kit.augment import task_rng
+from kit.augment import task_rng, task_seed
 from kit.config import RunConfig
 from kit.format import GridFormat
 from kit.infer import predict
@@ -28,7 +27,7 @@ def solve_task(backend: Backend, fmt: GridFormat, task: Task, config: RunConfig,
     time.monotonic() instants. A test input whose inference fails keeps its baseline (the error is recorded);
     the task's other answers stand."""
     ttt = train_task(backend, fmt, task, config.ttt, task_rng(config.seed, task.id, "ttt"),
-                     seed=zlib.crc32(f"{config.seed}:{task.id}".encode()), deadline=ttt_deadline)
+                     seed=task_seed(config.seed, task.id), deadline=ttt_deadline)
     start = time.monotonic()
     rng = task_rng(config.seed, task.id, "infer")
     record = TaskRecord(task.id, ttt_steps=ttt.steps, ttt_stopped=ttt.stopped, ttt_tokens=ttt.tokens,
