@@ -106,11 +106,21 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     b = p.add_argument_group("time and memory budget, workers, checkpoints")
     b.add_argument("--budget", type=duration, metavar="TIME",
                    help="whole-run time limit (11h30m, 10m, 90s): the planner spends it where it solves most, "
-                        "--steps/--augs become upper bounds, the run ends inside it (default: none; "
+                        "--steps/--augs the base level it cuts from or scales up from (--max-steps), the run "
+                        "ends inside it (default: none; "
                         f"{LOCAL_BUDGET} for a whole bundled set, i.e. no --challenges and no --tasks)")
     b.add_argument("--margin", type=duration, metavar="TIME",
                    help="kept free before the budget ends (default: 3%% of it, at least 10s)")
-    b.add_argument("--workers", type=positive, metavar="N", help="worker processes (default: one per GPU, or 1)")
+    b.add_argument("--max-steps", type=positive, default=RunConfig.max_steps, metavar="N",
+                   help="with --budget, where it has room once every task has its --steps/--augs: raise tasks' "
+                        "steps up to N (the scale-up)")
+    b.add_argument("--max-augs", type=positive, default=RunConfig.max_augs, metavar="N",
+                   help="and their views up to N")
+    b.add_argument("--no-scale-up", action="store_true", help="--steps/--augs are ceilings, never raised")
+    b.add_argument("--workers", type=positive, metavar="N",
+                   help="worker processes (default: --workers-per-gpu per GPU, or 1)")
+    b.add_argument("--workers-per-gpu", type=positive, default=RunConfig.workers_per_gpu, metavar="N",
+                   help="worker processes sharing each GPU, its memory split between them (ignored on a CPU)")
     b.add_argument("--memory", type=size, metavar="SIZE",
                    help="memory per worker, e.g. 14GiB (GPU memory on CUDA, RAM on CPU; default: what is free)")
     b.add_argument("--resume", action="store_true",
@@ -131,7 +141,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         challenges=args.challenges, solutions=args.solutions, dataset=args.dataset, tasks=args.tasks, out=args.out,
         seed=args.seed, no_model=args.no_model, skip_bad=args.skip_bad, report=args.report, model=args.model,
         backend=args.backend, compile=args.compile, max_length=args.max_length, budget=args.budget, margin=args.margin,
-        workers=args.workers, memory=args.memory, resume=args.resume, plan_only=args.plan, plan_tasks=args.plan_tasks,
+        workers=args.workers, workers_per_gpu=args.workers_per_gpu, memory=args.memory,
+        max_steps=args.steps if args.no_scale_up else max(args.steps, args.max_steps),
+        max_augs=args.augs if args.no_scale_up else max(args.augs, args.max_augs),
+        resume=args.resume, plan_only=args.plan, plan_tasks=args.plan_tasks,
         calibrate=args.calibrate, profile=args.profile,
         lora=LoraSettings(rank=args.lora_rank, alpha=args.lora_rank),
         ttt=TTTSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, loss_on=args.loss_on),

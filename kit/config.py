@@ -69,7 +69,8 @@ class RunConfig:
     max_length: int = 2048  # longest sequence trained on or prompted with (the backend also caps it by the model)
     budget: float | None = None  # seconds for the whole run; None: every task gets the full steps and views
     margin: float | None = None  # seconds kept free before the budget ends; None: max(10 s, 3% of the budget)
-    workers: int | None = None  # worker processes; None: one per visible GPU, else one
+    workers: int | None = None  # worker processes; None: workers_per_gpu per visible GPU, else one
+    workers_per_gpu: int = 1  # worker processes sharing one GPU, its memory split between them
     resume: bool = False  # keep the tasks finished in the log beside `out`, do the rest
     plan_only: bool = False  # print the plan and stop
     plan_tasks: int | None = None  # with plan_only: project this many tasks (the loaded ones, cycled)
@@ -77,6 +78,8 @@ class RunConfig:
     profile: Path | None = None  # throughput profile; None: throughput.json beside `out` when it exists
     memory: int | None = None  # bytes a worker may use (GPU memory on CUDA, RAM on CPU); None: what is free
     allocation: str = "plan"  # "plan": the scheduler; "uniform": one level for all (bench/scheduler.py's baseline)
+    max_steps: int = 4096  # with a budget: the scale-up's caps, where the budget has room once every task has
+    max_augs: int = 32  # its base level (ttt.steps, infer.augs); equal to the base: no scale-up
     lora: LoraSettings = field(default_factory=LoraSettings)
     ttt: TTTSettings = field(default_factory=TTTSettings)
     infer: InferSettings = field(default_factory=InferSettings)

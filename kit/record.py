@@ -27,7 +27,8 @@ class TaskRecord:
     vote_seconds: float = 0.0
     candidates: list[list[dict]] = field(default_factory=list)  # per test input, ranked (Candidate.to_record)
     solved: list[bool] | None = None  # per test input, where the true outputs are known
-    errors: list[str] = field(default_factory=list)  # per test input that fell back to its baseline
+    errors: list[str] = field(default_factory=list)  # inside the task: a test input back at its baseline, a retry
+    # with a smaller decoding batch, a merge that failed (inference through the LoRA branch)
     # what it cost (the worker)
     memory: dict | None = None  # the memory plan and the measured peak
     retried: dict | None = None  # the smaller settings of a retry after a failure

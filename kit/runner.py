@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from kit.atomic import write_json_atomic
 from kit.config import RunConfig
@@ -22,7 +22,11 @@ from kit.submission import Score, baseline_attempts, score_submission, solutions
 from kit.tasks import Task, TaskSet, attach_solutions, load_bundled, load_challenges, load_solutions
 from kit.weights import check_model_dir, ensure_default_model
 
-TTT_SLACK = 1.5  # a task may train this much longer than its estimate before its TTT deadline stops it
+if TYPE_CHECKING:  # workers import the backend lazily; only the types are needed here
+    from kit.workers import Job, WorkerFactory
+
+TTT_SLACK = 1.5  # a task may train (and infer) this much longer than its estimate before its deadline stops it
+KILL_GRACE = 20.0  # seconds past a task's deadline before its worker is killed (at least; 1/4 of its plan if more)
 
 
 @dataclass
@@ -67,7 +71,7 @@ def load_profile(config: RunConfig, log: Callable[[str], None]) -> Profile:
 
 
 def make_planner(config: RunConfig, profile: Profile) -> Planner:
-    return Planner(profile, config.ttt.steps, config.infer.augs)
+    return Planner(profile, config.ttt.steps, config.infer.augs, config.max_steps, config.max_augs)
 
 
 def estimate(config: RunConfig, task: Task) -> TaskEstimate:
@@ -95,14 +99,16 @@ def print_plan(config: RunConfig, task_set: TaskSet, log: Callable[[str], None])
     else:
         plan = planner.uniform(list(estimates.values()), None)
     free = [start] * workers
-    log(f"{'task':<12} {'steps':>5} {'views':>5} {'minutes':>8} {'finish':>10}")
+    log(f"{'task':<12} {'steps':>5} {'views':>5} {'base':>8} {'minutes':>8} {'finish':>10}")
     final = []
     for a in plan:
         w = free.index(min(free))
         a = planner.within(estimates[a.task_id], a, end - free[w])
         free[w] += a.seconds
         final.append(a)
-        log(f"{a.task_id:<12} {a.steps:>5} {a.views:>5} {a.seconds / 60:>8.2f} {format_duration(free[w]):>10}")
+        base = f"{a.base.steps}x{a.base.views}" if a.base else "="  # the level before the scale-up
+        log(f"{a.task_id:<12} {a.steps:>5} {a.views:>5} {base:>8} {a.seconds / 60:>8.2f} "
+            f"{format_duration(free[w]):>10}")
     finish = max(free, default=start)
     log(plan_summary(final, sum(free) - start * workers if not config.budget else (end - start) * workers,
                      workers))
@@ -116,11 +122,28 @@ def print_plan(config: RunConfig, task_set: TaskSet, log: Callable[[str], None])
     return final
 
 
+def job_deadlines(job: Job, costs: tuple[float, float], now: float, deadline: float | None, margin: float) -> Job:
+    """The job with its deadlines, from its planned (training, inference) seconds: training stops at the
+    earlier of TTT_SLACK x its time and what leaves inference its time before the run's deadline; inference
+    stops at TTT_SLACK x its time after that (so one runaway task cannot eat the tasks after it); the worker is
+    killed KILL_GRACE later, at the latest half the safety margin past the run's deadline (the run still ends
+    inside its budget). No run deadline: none of them."""
+    if deadline is None:
+        return job
+    train, infer = costs
+    step = train / job.steps if job.steps else 0.0  # the first step must fit too (no duration seen yet)
+    job.ttt_deadline = min(deadline - infer - step, now + TTT_SLACK * train + 5)
+    job.deadline = min(deadline, job.ttt_deadline + step + TTT_SLACK * infer + 5)
+    job.kill_at = min(job.deadline + max(KILL_GRACE, 0.25 * (train + infer)), deadline + margin / 2)
+    return job
+
+
 def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started: float,
-              phases: dict[str, float], summary: dict, log: Callable[[str], None]) -> None:
+              phases: dict[str, float], summary: dict, log: Callable[[str], None],
+              make_worker: WorkerFactory | None = None) -> None:
     """Every task not done yet through a worker, in the planner's order, re-planning after each result.
     Each log record gets the planner's estimate and its start and finish (seconds since `started`); `summary`
-    gets the backend, device and task counts."""
+    gets the backend, device and task counts. `make_worker` replaces the model's worker (tests' stand-ins)."""
     from tqdm import tqdm
 
     from kit.workers import InlinePool, Job, ProcessPool, visible_gpus
@@ -132,10 +155,15 @@ def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started
     planner = make_planner(config, load_profile(config, log))
     estimates = {i: estimate(config, t) for i, t in tasks.items()}
     gpus = visible_gpus()
-    workers = config.workers or max(1, gpus)
+    workers = config.workers or max(1, gpus * config.workers_per_gpu)
     config = replace(config, compile="on" if config.compiles("cuda" if gpus else "cpu", len(tasks)) else "off")
     with timed(phases, "model load"):
-        pool = InlinePool(config, log) if workers == 1 else ProcessPool(config, workers, log)
+        # With a budget even one worker runs in its own process: one that hangs can be killed, the run still ends.
+        if workers == 1 and deadline is None:
+            pool = InlinePool(config, log, make_worker)
+        else:
+            pool = ProcessPool(config, workers, log, make_worker)
+        pool.wait_ready(None if deadline is None else max(0.0, deadline - time.monotonic()))
     in_flight: dict[str, tuple[Assignment, float]] = {}  # task -> (assignment, start)
 
     def replan(ids: list[str]) -> list[Assignment]:
@@ -166,11 +194,8 @@ def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started
                     fallbacks += 1
                     bar.update()
                     continue
-                train, infer = planner.costs(estimates[a.task_id], a)
-                step = train / a.steps if a.steps else 0.0  # the first step must fit too (no duration seen yet)
-                ttt_deadline = None if deadline is None else min(deadline - infer - step,
-                                                                 now + TTT_SLACK * train + 5)
-                pool.submit(Job(tasks[a.task_id], a.steps, a.views, ttt_deadline, deadline))
+                pool.submit(job_deadlines(Job(tasks[a.task_id], a.steps, a.views), planner.costs(
+                    estimates[a.task_id], a), now, deadline, config.safety_margin()))
                 in_flight[a.task_id] = (a, now)
             if fallbacks:
                 store.write()

@@ -106,16 +106,24 @@ class Profile:
 
 @dataclass(frozen=True)
 class Difficulty:
-    """The parameters of the value model (see the module docstring)."""
+    """The parameters of the value model (see the module docstring). Loss falls on two timescales: most of it
+    within tens of steps (measured on the default model: ~1/3 left after 10 steps), a small rest only over
+    hundreds, which is what long TTT buys a large answer (arc24: two-attempt accuracy 14% -> 24.5% from far
+    longer TTT). Views saturate more slowly than one view's worth suggests (arc24: 8 predictions too few, ~32
+    better): the scale-up's reasons to spend a budget's spare time (docs/results.md, "Scale-up")."""
 
     untrained_loss: float = 1.5  # per-token loss of the untrained default model on ARC answers (measured 1.1-2.5)
     floor_loss: float = 0.02  # what long TTT reaches on a learnable task, as seen on its held-out answer
-    steps_scale: float = 15.0  # steps for the loss to fall by a factor e (measured: ~1/3 left after 10 steps)
-    view_gain: float = 0.4  # chance that one more view finds or confirms the answer (saturates with views)
+    steps_scale: float = 15.0  # steps for the fast part of the loss to fall by a factor e
+    slow_share: float = 0.03  # the part of the loss that only long TTT removes
+    slow_steps_scale: float = 400.0  # and its steps to fall by a factor e
+    view_gain: float = 0.25  # chance that one more view finds or confirms the answer (saturates with views)
     unknown_shape: float = 0.5  # the demonstrations show no rule for the output's shape: a harder task
 
     def loss_after(self, steps: float) -> float:
-        return self.floor_loss + (self.untrained_loss - self.floor_loss) * math.exp(-steps / self.steps_scale)
+        left = ((1 - self.slow_share) * math.exp(-steps / self.steps_scale)
+                + self.slow_share * math.exp(-steps / self.slow_steps_scale))
+        return self.floor_loss + (self.untrained_loss - self.floor_loss) * left
 
     def solve_chance(self, answer_tokens: float, shape_known: bool, steps: int, views: int) -> float:
         if views <= 0:
@@ -162,11 +170,14 @@ class Level:
     views: int  # 0: no model at all (the fallback answer)
 
 
-def levels(max_steps: int, max_views: int) -> list[Level]:
+def levels(max_steps: int, max_views: int, base_steps: int | None = None, base_views: int | None = None
+           ) -> list[Level]:
     """The choices per task: the fallback, then inference alone, then TTT at a few lengths, each with a few
-    view counts. Coarse on purpose: the planner's model is not finer than this."""
-    steps = sorted({0, max_steps} | {s for s in (8, 16, 32, 64, 128, 256) if s < max_steps})
-    views = sorted({max_views} | {v for v in (1, 2, 4, 8, 16) if v < max_views})
+    view counts, up to the caps; the base level (--steps, --augs) always among them. Coarse on purpose: the
+    planner's model is not finer than this."""
+    steps = sorted({0, max_steps, base_steps or max_steps}
+                   | {s for s in (8, 16, 32, 64, 128, 256, 512, 1024, 2048) if s < max_steps})
+    views = sorted({max_views, base_views or max_views} | {v for v in (1, 2, 4, 8, 16, 32, 64) if v < max_views})
     return [Level(0, 0)] + [Level(s, v) for s in steps for v in views]
 
 
@@ -177,6 +188,7 @@ class Assignment:
     views: int
     seconds: float  # expected, with the run's correction factors applied
     expected: float  # expected solved test outputs
+    base: Level | None = None  # the level the task had before the scale-up (None: not scaled)
 
     @property
     def runs_model(self) -> bool:
@@ -203,13 +215,23 @@ class Corrections:
 @dataclass
 class Planner:
     """Assigns levels to tasks under a capacity of worker-seconds (a multiple-choice knapsack, solved greedily
-    by the best gain per second among whole-level upgrades, which copes with S-shaped values)."""
+    by the best gain per second among whole-level upgrades, which copes with S-shaped values). First up to the
+    base level (`base_steps`, `base_views`: --steps, --augs) so every task has its share; then, with what is
+    left, by the same rule up to the caps (`max_steps`, `max_views`: the scale-up; equal caps: none)."""
 
     profile: Profile
-    max_steps: int
-    max_views: int
+    base_steps: int
+    base_views: int
+    max_steps: int | None = None  # None: the base (no scale-up)
+    max_views: int | None = None
     difficulty: Difficulty = field(default_factory=Difficulty)
     corrections: Corrections = field(default_factory=Corrections)
+
+    def __post_init__(self) -> None:
+        self.max_steps = max(self.base_steps, self.max_steps or self.base_steps)
+        self.max_views = max(self.base_views, self.max_views or self.base_views)
+        self.options = levels(self.max_steps, self.max_views, self.base_steps, self.base_views)
+        self.in_base = np.array([lv.steps <= self.base_steps and lv.views <= self.base_views for lv in self.options])
 
     def costs(self, est: TaskEstimate, level: Level) -> tuple[float, float]:
         """(training seconds, inference seconds) of a task at a level, corrected by what the run measured."""
@@ -232,9 +254,8 @@ class Planner:
                                 record.infer_seconds + record.vote_seconds)
 
     def table(self, est: TaskEstimate) -> tuple[list[Level], np.ndarray, np.ndarray]:
-        options = levels(self.max_steps, self.max_views)
-        seconds = np.array([sum(self.costs(est, lv)) for lv in options])
-        return options, seconds, np.array([self.expected(est, lv) for lv in options])
+        seconds = np.array([sum(self.costs(est, lv)) for lv in self.options])
+        return self.options, seconds, np.array([self.expected(est, lv) for lv in self.options])
 
     def expected(self, est: TaskEstimate, level: Level) -> float:
         """Expected solved test outputs of a task at a level."""
@@ -242,45 +263,25 @@ class Planner:
         return est.tests * self.difficulty.solve_chance(per_test, est.shape_known, level.steps, level.views)
 
     def plan(self, estimates: Sequence[TaskEstimate], capacity: float) -> list[Assignment]:
-        """Levels for all tasks within `capacity` worker-seconds, most valuable per second first."""
+        """Levels for all tasks within `capacity` worker-seconds, most valuable per second first: up to the
+        base level, then the scale-up with what is left."""
         tables = [self.table(e) for e in estimates]
         current = [0] * len(estimates)
-        left = capacity
-        heap: list[tuple[float, int, int]] = []
-
-        def push(t: int) -> None:
-            _, seconds, value = tables[t]
-            c = current[t]
-            extra, gain = seconds - seconds[c], value - value[c]
-            ok = (extra > 0) & (gain > 0) & (extra <= left)
-            if ok.any():
-                ratio = np.where(ok, gain / np.where(ok, extra, 1.0), -1.0)
-                best = int(ratio.argmax())
-                heapq.heappush(heap, (-float(ratio[best]), t, best))
-
-        for t in range(len(estimates)):
-            push(t)
-        while heap:
-            _, t, target = heapq.heappop(heap)
-            _, seconds, _ = tables[t]
-            extra = seconds[target] - seconds[current[t]]
-            if extra > left or target == current[t] or seconds[target] <= seconds[current[t]]:
-                push(t)  # stale entry (capacity or level moved on): recompute this task's best upgrade
-                continue
-            left -= extra
-            current[t] = target
-            push(t)
+        left = upgrade(tables, current, capacity, self.in_base)
+        base = list(current)
+        if not self.in_base.all():
+            upgrade(tables, current, left, np.ones_like(self.in_base))
         assignments = []
-        for est, (options, seconds, value), c in zip(estimates, tables, current):
+        for est, (options, seconds, value), c, b in zip(estimates, tables, current, base):
             assignments.append(Assignment(est.task_id, options[c].steps, options[c].views, float(seconds[c]),
-                                          float(value[c])))
+                                          float(value[c]), options[b] if b != c else None))
         return sorted(assignments, key=lambda a: -a.expected / max(a.seconds, 1e-9) if a.runs_model else 0.0)
 
     def uniform(self, estimates: Sequence[TaskEstimate], capacity: float | None) -> list[Assignment]:
         """One level for every task, in the given order: the largest that fits `capacity` (None: the maximum);
         when even the smallest does not fit them all, the smallest for tasks in order until the time is spent.
         What a run without a budget does, and the baseline the scheduler is benchmarked against."""
-        options = sorted((lv for lv in levels(self.max_steps, self.max_views) if lv.views),
+        options = sorted((lv for lv, base in zip(self.options, self.in_base) if lv.views and base),
                          key=lambda lv: (lv.steps, lv.views), reverse=True)
         for level in options:
             assignments = [self.assign(e, level) for e in estimates]
@@ -305,6 +306,38 @@ class Planner:
         ok = seconds <= seconds_left
         best = int(np.where(ok, value + 1e-9 * seconds, -1.0).argmax())
         return self.assign(est, options[best])
+
+
+def upgrade(tables: list[tuple[list[Level], np.ndarray, np.ndarray]], current: list[int], capacity: float,
+            allowed: np.ndarray) -> float:
+    """Raise tasks' levels (`current`, indices into each table, changed in place) among the `allowed` ones, the
+    best gain per second first, while `capacity` seconds last; returns the seconds left."""
+    left = capacity
+    heap: list[tuple[float, int, int]] = []
+
+    def push(t: int) -> None:
+        _, seconds, value = tables[t]
+        c = current[t]
+        extra, gain = seconds - seconds[c], value - value[c]
+        ok = allowed & (extra > 0) & (gain > 0) & (extra <= left)
+        if ok.any():
+            ratio = np.where(ok, gain / np.where(ok, extra, 1.0), -1.0)
+            best = int(ratio.argmax())
+            heapq.heappush(heap, (-float(ratio[best]), t, best))
+
+    for t in range(len(tables)):
+        push(t)
+    while heap:
+        _, t, target = heapq.heappop(heap)
+        _, seconds, _ = tables[t]
+        extra = seconds[target] - seconds[current[t]]
+        if extra > left or target == current[t] or seconds[target] <= seconds[current[t]]:
+            push(t)  # stale entry (capacity or level moved on): recompute this task's best upgrade
+            continue
+        left -= extra
+        current[t] = target
+        push(t)
+    return left
 
 
 def plan_summary(assignments: Sequence[Assignment], capacity: float, workers: int) -> str:

@@ -1,9 +1,11 @@
 """Workers: each holds the base model once and solves the jobs it is given. One in this process (`InlinePool`),
-or one process per GPU / per `--workers` on CPU (`ProcessPool`) fed from a shared queue.
+or worker processes (`ProcessPool`: `--workers` on CPU, `--workers-per-gpu` per GPU, any run with a budget),
+each handed its next job by the main process as soon as it is free.
 
 A job carries its task, its level (TTT steps, views) and its deadlines; a job that fails (an exception, out of
-memory) is retried once with half the steps and half the context, then falls back to the baseline answer:
-whatever happens inside a task, the run goes on.
+memory) is retried once with half the steps and half the context, then falls back to the baseline answer; a
+worker that dies or hangs is replaced and its job given back once or given up: whatever happens inside a task,
+the run goes on and ends by its budget.
 """
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from kit.config import RunConfig
 from kit.memory.budget import MemoryBudget
-from kit.memory.measure import PeakMemory, trim_cpu_heap
+from kit.memory.measure import PeakMemory, release_device_memory, trim_cpu_heap
 from kit.record import TaskRecord
 from kit.submission import baseline_attempts
 from kit.tasks import Task
@@ -28,7 +31,9 @@ class Job:
     steps: int
     views: int
     ttt_deadline: float | None = None  # time.monotonic() instants (system-wide on Linux: valid across processes)
-    deadline: float | None = None
+    deadline: float | None = None  # this task's own end of inference, from the plan (never past the run's)
+    kill_at: float | None = None  # past this the pool kills the worker holding the job (ProcessPool only)
+    tries: int = 0  # times a worker died holding this job
 
 
 class Worker:
@@ -54,7 +59,7 @@ class Worker:
                 log(f"compiled the training pass in {self.backend.compile_training():.1f} s")
             except Exception as e:  # noqa: BLE001 - no C++ compiler, an unsupported model: train eagerly
                 log(f"training stays eager: compiling it failed ({type(e).__name__}: {e})")
-        self.memory = MemoryBudget(self.backend, config.memory, log)
+        self.memory = MemoryBudget(self.backend, config.memory, log, share=config.workers_per_gpu)
 
     def describe(self) -> dict:
         """What ran the tasks, for the run summary."""
@@ -88,7 +93,7 @@ class Worker:
                 errors.append(repr(e))
                 log(f"task {job.task.id} failed ({e!r}); " + ("retrying smaller" if len(errors) == 1 else
                                                               "baseline kept"))
-                self.free_memory()
+                release_device_memory()
         else:
             record = TaskRecord(job.task.id, baseline_attempts(job.task))
         if errors:
@@ -107,21 +112,16 @@ class Worker:
                           infer=replace(first.infer, batch_size=max(1, first.infer.batch_size // 2)))
         return [first, smaller]
 
-    def free_memory(self) -> None:
-        import gc
 
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+WorkerFactory = Callable[[RunConfig, Callable[[str], None]], Worker]  # Worker, or a test's stand-in
 
 
 class InlinePool:
-    """One worker in this process: a job runs when it is submitted."""
+    """One worker in this process: a job runs when it is submitted (nothing watches it: runs with a budget use
+    a ProcessPool, which can kill a worker that hangs)."""
 
-    def __init__(self, config: RunConfig, log: Callable[[str], None]):
-        self.worker = Worker(config, log)
+    def __init__(self, config: RunConfig, log: Callable[[str], None], make_worker: WorkerFactory | None = None):
+        self.worker = (make_worker or Worker)(config, log)
         self.log = log
         self.done: list[TaskRecord] = []
 
@@ -130,6 +130,9 @@ class InlinePool:
 
     def describe(self) -> dict:
         return self.worker.describe()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        pass  # loaded in the constructor
 
     def submit(self, job: Job) -> None:
         self.done.append(self.worker.run(job, self.log))
@@ -149,10 +152,10 @@ def visible_gpus() -> int:
         return 0
 
 
-def _worker_main(index: int, gpu: int | None, threads: int, config: RunConfig, jobs: mp.Queue,
-                 results: mp.Queue) -> None:
-    """A worker process: pin its GPU (before torch is imported) or its CPU threads, load the model, serve jobs
-    until it receives None."""
+def _worker_main(index: int, gpu: int | None, threads: int, config: RunConfig, make_worker: WorkerFactory,
+                 jobs: mp.Queue, results: mp.Queue) -> None:
+    """A worker process: pin its GPU (before torch is imported) or its CPU threads, load the model, serve the
+    jobs of its own queue until it receives None."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     import torch
@@ -163,7 +166,7 @@ def _worker_main(index: int, gpu: int | None, threads: int, config: RunConfig, j
         results.put(("log", index, f"[worker {index}] {message}"))
 
     try:
-        worker = Worker(config, log)
+        worker = make_worker(config, log)
     except Exception as e:  # noqa: BLE001 - reported to the main process, which goes on without this worker
         results.put(("dead", index, repr(e)))
         return
@@ -175,82 +178,162 @@ def _worker_main(index: int, gpu: int | None, threads: int, config: RunConfig, j
         results.put(("result", index, record))
 
 
-class ProcessPool:
-    """`size` worker processes; each takes the next job as soon as it is free (a shared queue)."""
+@dataclass
+class Slot:
+    """One worker process, its own job queue and the job it holds (the pool always knows which worker has which
+    job, so a worker that dies at any moment gives its job back)."""
 
-    def __init__(self, config: RunConfig, size: int, log: Callable[[str], None]):
-        context = mp.get_context("spawn")  # no fork after torch threads exist
-        gpus = visible_gpus()
-        threads = max(1, (os.cpu_count() or 1) // size) if not gpus else 1
-        self.jobs, self.results = context.Queue(), context.Queue()
-        self.processes = [context.Process(target=_worker_main, daemon=True,
-                                          args=(i, i % gpus if gpus else None, threads, config, self.jobs,
-                                                self.results)) for i in range(size)]
-        for p in self.processes:
-            p.start()
-        self.log = log
-        self.size = size
-        self.busy: dict[int, Job] = {}  # worker -> the job it took
-        self.pending: list[Job] = []  # submitted, not yet reported back
-        self.dead: set[int] = set()
+    index: int
+    gpu: int | None
+    process: Any
+    jobs: Any
+    state: str = "loading"  # loading -> ready -> dead
+    job: Job | None = None
+
+
+class ProcessPool:
+    """`size` worker processes fed by the main process, which hands each free worker its next job and watches
+    them: a job whose worker dies comes back once (to another worker, or the dead one's replacement), then
+    falls back to its baseline; a worker still busy at its job's `kill_at` is killed and replaced. Nothing a
+    worker does can keep `next_result` from returning."""
+
+    POLL_S = 0.5
+
+    def __init__(self, config: RunConfig, size: int, log: Callable[[str], None],
+                 make_worker: WorkerFactory | None = None):
+        self.context = mp.get_context("spawn")  # no fork after torch threads exist
+        self.gpus = visible_gpus()
+        self.threads = max(1, (os.cpu_count() or 1) // size) if not self.gpus else 1
+        self.config, self.log, self.size = config, log, size
+        self.make_worker = make_worker or Worker
+        self.results = self.context.Queue()
+        self.slots: list[Slot] = []
+        for i in range(size):
+            self._spawn(i // config.workers_per_gpu % self.gpus if self.gpus else None)  # N slots per GPU
+        self.backlog: list[Job] = []  # jobs given back by a dead worker, handed out before new ones
+        self.lost: list[TaskRecord] = []  # jobs given up (their baseline), returned by next_result
+        self.replacements = 0
         self.description: dict = {}  # the first ready worker's backend and device
 
+    def _spawn(self, gpu: int | None) -> Slot:
+        index = len(self.slots)
+        jobs = self.context.Queue()
+        process = self.context.Process(target=_worker_main, daemon=True, args=(
+            index, gpu, self.threads, self.config, self.make_worker, jobs, self.results))
+        process.start()
+        self.slots.append(Slot(index, gpu, process, jobs))
+        return self.slots[-1]
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until no worker is still loading (or `timeout` seconds): the first jobs' deadlines are set after
+        the model load, not during it. Every worker failing to start is an error."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while any(s.state == "loading" for s in self.slots) and (end is None or time.monotonic() < end):
+            self._receive(self.POLL_S)
+            self._watch()
+        if all(s.state == "dead" for s in self.slots):
+            raise RuntimeError("no worker could start (see the log above)")
+
+    def live(self) -> list[Slot]:
+        return [s for s in self.slots if s.state != "dead"]
+
     def idle(self) -> int:
-        return max(0, self.size - len(self.dead) - len(self.pending))
+        free = sum(s.state == "ready" and s.job is None for s in self.slots)
+        return max(0, free - len(self.backlog))
 
     def submit(self, job: Job) -> None:
-        self.pending.append(job)
-        self.jobs.put(job)
+        self.backlog.append(job)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        for slot in self.slots:
+            if self.backlog and slot.state == "ready" and slot.job is None:
+                slot.job = self.backlog.pop(0)
+                slot.jobs.put(slot.job)
 
     def next_result(self) -> TaskRecord:
-        """The next finished job; a job whose worker died comes back as a failure with its baseline."""
-        while True:
-            try:
-                kind, index, payload = self.results.get(timeout=1.0)
-            except queue.Empty:
-                lost = self._reap()
-                if lost is not None:
-                    return lost
+        """The next finished job; a job that cannot finish comes back as a failure with its baseline."""
+        while not self.lost:
+            record = self._receive(self.POLL_S)
+            if record is not None:
+                return record
+            self._watch()
+        return self.lost.pop(0)
+
+    def _receive(self, timeout: float) -> TaskRecord | None:
+        try:
+            kind, index, payload = self.results.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        slot = self.slots[index]
+        if kind == "log":
+            self.log(payload)
+        elif kind == "ready" and slot.state == "loading":
+            slot.state = "ready"
+            self.description = self.description or payload
+            self._dispatch()
+        elif kind == "dead":
+            slot.state = "dead"
+            self.log(f"worker {index} could not start: {payload}")
+        elif kind == "result" and slot.job is not None and slot.job.task.id == payload.task:
+            slot.job = None
+            self._dispatch()
+            return payload
+        return None
+
+    def _watch(self) -> None:
+        """Give back the jobs of workers that died, kill and replace workers past their job's `kill_at`, give
+        up jobs no live worker can take."""
+        now = time.monotonic()
+        for slot in list(self.slots):
+            if slot.state == "dead":
                 continue
-            if kind == "log":
-                self.log(payload)
-            elif kind == "ready":
-                self.description = self.description or payload
-            elif kind == "start":
-                self.busy[index] = next(j for j in self.pending if j.task.id == payload)
-            elif kind == "dead":
-                self.dead.add(index)
-                self.log(f"worker {index} could not start: {payload}")
-                if len(self.dead) == self.size:
-                    raise RuntimeError(f"no worker could start: {payload}")
-            elif kind == "result":
-                self.busy.pop(index, None)
-                self.pending = [j for j in self.pending if j.task.id != payload.task]
-                return payload
+            if not slot.process.is_alive():
+                self.log(f"worker {slot.index} died (exit code {slot.process.exitcode})")
+                self._retire(slot, f"worker {slot.index} died (exit code {slot.process.exitcode})", requeue=True)
+            elif slot.job is not None and slot.job.kill_at is not None and now >= slot.job.kill_at:
+                self.log(f"worker {slot.index} passed the hard deadline of {slot.job.task.id}: killed")
+                slot.process.kill()
+                slot.process.join(timeout=10)
+                self._retire(slot, f"worker {slot.index} killed past the task's hard deadline", requeue=False)
+        if not self.live():
+            self.lost += [self._baseline(job, "no live worker") for job in self.backlog]
+            self.backlog.clear()
+        for job in [j for j in self.backlog if j.kill_at is not None and now >= j.kill_at]:
+            self.backlog.remove(job)
+            self.lost.append(self._baseline(job, "no worker was free before its hard deadline"))
+
+    def _retire(self, slot: Slot, why: str, requeue: bool) -> None:
+        """A worker gone: its job back to the queue once (`requeue`) or given up; a replacement started while
+        the pool has not replaced more workers than it has (a crash loop stops there)."""
+        slot.state = "dead"
+        job, slot.job = slot.job, None
+        if job is not None:
+            if requeue and job.tries == 0:
+                job.tries += 1
+                self.backlog.insert(0, job)
+                self.log(f"{job.task.id} goes back to the queue once")
+            else:
+                self.lost.append(self._baseline(job, why, slot.index))
+        if self.replacements < self.size:
+            self.replacements += 1
+            replacement = self._spawn(slot.gpu)
+            self.log(f"worker {replacement.index} replaces worker {slot.index}")
+
+    @staticmethod
+    def _baseline(job: Job, why: str, worker: int = -1) -> TaskRecord:
+        return TaskRecord(job.task.id, baseline_attempts(job.task), error=why, seconds=0.0, worker=worker)
 
     def describe(self) -> dict:
         return self.description
 
-    def _reap(self) -> TaskRecord | None:
-        """When a worker process has died (killed, out of memory), its job comes back as a failure."""
-        for i, p in enumerate(self.processes):
-            if i not in self.dead and not p.is_alive():
-                self.dead.add(i)
-                self.log(f"worker {i} died (exit code {p.exitcode})")
-                if i in self.busy:
-                    return self._give_up(self.busy.pop(i), f"worker {i} died (exit code {p.exitcode})", i)
-        if len(self.dead) == self.size and self.pending:
-            return self._give_up(self.pending[0], "no live worker", -1)
-        return None
-
-    def _give_up(self, job: Job, why: str, worker: int) -> TaskRecord:
-        self.pending.remove(job)
-        return TaskRecord(job.task.id, baseline_attempts(job.task), error=why, seconds=0.0, worker=worker)
-
     def close(self) -> None:
-        for _ in self.processes:
-            self.jobs.put(None)
-        for p in self.processes:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
+        """Idle workers are told to stop; busy or unresponsive ones are killed (the run's results are written)."""
+        for slot in self.live():
+            if slot.job is None and slot.state == "ready":
+                slot.jobs.put(None)
+        for slot in self.live():
+            slot.process.join(timeout=10 if slot.job is None and slot.state == "ready" else 0)
+            if slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join(timeout=10)

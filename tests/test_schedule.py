@@ -133,3 +133,26 @@ def test_profile_round_trip_and_a_bad_profile_names_its_file(tmp_path):
 
 def test_assignment_without_views_runs_no_model():
     assert not Assignment("t", 0, 0, 0.0, 0.0).runs_model
+
+
+def test_scale_up_spends_spare_capacity_above_the_base_after_every_task_has_its_share():
+    capped, scaled = Planner(Profile(), 64, 8), Planner(Profile(), 64, 8, max_steps=1024, max_views=32)
+    rng = np.random.default_rng(1)
+    tasks = [estimate(f"t{i}", float(rng.uniform(200, 2000)), float(rng.uniform(5, 200))) for i in range(20)]
+    base_need = sum(a.seconds for a in capped.plan(tasks, 1e12))
+    for capacity in (0.5 * base_need, 3 * base_need):
+        before = {a.task_id: a for a in capped.plan(tasks, capacity)}
+        after = scaled.plan(tasks, capacity)
+        assert sum(a.seconds for a in after) <= capacity
+        for a in after:  # the scale-up starts from exactly what the capped plan gives
+            assert (a.base or Level(a.steps, a.views)) == Level(before[a.task_id].steps, before[a.task_id].views)
+        assert sum(a.expected for a in after) >= sum(a.expected for a in before.values())
+    assert any(a.base is not None for a in after) and max(a.steps for a in after) > 64
+    assert sum(a.seconds for a in after) > 0.9 * capacity  # the spare time is spent, not left idle
+    assert all(a.steps <= 1024 and a.views <= 32 for a in after)
+
+
+def test_longer_training_and_more_views_are_worth_something_past_the_base():
+    d = Difficulty()
+    assert d.solve_chance(100, True, 64, 8) < d.solve_chance(100, True, 256, 8) < d.solve_chance(100, True, 1024, 8)
+    assert d.solve_chance(20, True, 64, 8) < d.solve_chance(20, True, 64, 32)

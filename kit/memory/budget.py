@@ -17,7 +17,7 @@ from kit.memory.estimates import (
     plan_training,
     uses_eager_attention,
 )
-from kit.memory.measure import available_memory, resident_memory
+from kit.memory.measure import device_share, resident_memory
 from kit.shapes import plausible_side
 from kit.tasks import Task
 
@@ -33,7 +33,7 @@ class MemoryBudget:
     """The memory a worker may use, and per task the training shape and decoding batch that stay inside it
     (kit/memory/estimates.py's estimates from the model's dimensions and what the process already holds)."""
 
-    def __init__(self, backend: Any, budget: int | None, log: Callable[[str], None]):
+    def __init__(self, backend: Any, budget: int | None, log: Callable[[str], None], share: int = 1):
         base = backend.model.get_base_model()
         self.backend = backend
         self.lora_parameters = sum(p.numel() for p in backend.trainable_parameters())
@@ -44,8 +44,10 @@ class MemoryBudget:
         # the backend's `sdpa_from` when it has one.
         self.scores = uses_eager_attention(backend.decode_attention)
         self.device = backend.device.type
-        self.budget = budget or available_memory(self.device)
-        log(f"memory budget {format_size(self.budget)} ({'given' if budget else 'free on the device'}), "
+        self.budget = budget or device_share(self.device, share)
+        given = "given" if budget else f"1/{share} of the device" if share > 1 and self.device == "cuda" else \
+            "free on the device"
+        log(f"memory budget {format_size(self.budget)} ({given}), "
             f"{format_size(resident_memory(self.device))} held by the loaded model")
 
     def plan_task(self, task: Task, config: RunConfig) -> tuple[RunConfig, dict]:

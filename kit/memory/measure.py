@@ -30,6 +30,28 @@ def available_memory(device_type: str) -> int:
     return max(0, usable - max(int(usable * MARGIN_FRACTION), MARGIN_FLOOR))
 
 
+def device_share(device_type: str, share: int) -> int:
+    """One of `share` workers' part of the device (`--workers-per-gpu`): its total memory split evenly, less the
+    margin; what is free at one worker's start would count the others' models twice or not at all."""
+    if device_type != "cuda" or share <= 1:
+        return available_memory(device_type)
+    import torch
+
+    _, total = torch.cuda.mem_get_info()
+    return max(0, total // share - max(int(total // share * MARGIN_FRACTION), MARGIN_FLOOR))
+
+
+def release_device_memory() -> None:
+    """After a failure: drop what the failed attempt left (reference cycles, CUDA's cached blocks)."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
