@@ -11,6 +11,7 @@ from kit.format import LOSS_ON, FormatError
 from kit.grids import GridError
 from kit.schedule import parse_duration
 from kit.tasks import BUNDLED
+from kit.vote import RANK_BY
 
 LOCAL_BUDGET = "10m"  # a whole bundled set with no --budget: a dry run that ends, not hours of CPU
 
@@ -92,8 +93,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                         "(outputs), or on all of them (all-outputs)")
     m.add_argument("--max-length", type=positive, default=RunConfig.max_length, metavar="TOKENS",
                    help="longest sequence trained on or prompted with (demonstrations are dropped to fit)")
-    m.add_argument("--rank-by", choices=("score", "votes"), default=InferSettings.rank_by,
-                   help="pick attempts by product-of-experts likelihood (score) or by votes")
+    m.add_argument("--rank-by", choices=RANK_BY, default=InferSettings.rank_by,
+                   help="pick the two attempts by product-of-experts likelihood (score), by votes, or by both "
+                        "(combined: likelihood + log votes)")
     m.add_argument("--score-views", type=non_negative, default=InferSettings.score_views, metavar="N",
                    help="views every candidate is scored under: the decoding views, then fresh ones up to N "
                         "(product of experts; 0: the decoding views only)")

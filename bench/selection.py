@@ -4,10 +4,10 @@ setting then runs on that same adapter, so the table compares them on equal trai
 
     python bench/selection.py [--tasks N] [--steps N] [--augs N] [--thresholds P ...] [--score-views N]
 
-Per setting: oracle (share of test outputs whose right answer is among the candidates), two-attempt accuracy,
-candidates per test input, and seconds per task (TTT + that setting's inference). Settings: greedy against DFS at
-each threshold, scored under the decoding views only or under --score-views views (fresh ones added), for TTT loss
-on the query output and on every output.
+Per setting: oracle (share of test outputs whose right answer is among the candidates), two-attempt accuracy
+under each ranking rule of kit/vote.py, candidates per test input, and seconds per task (TTT + that setting's
+inference). Settings: greedy against DFS at each threshold, scored under the decoding views only or under
+--score-views views (fresh ones added), for TTT loss on the query output and on every output.
 """
 from __future__ import annotations
 
@@ -29,24 +29,26 @@ from kit.format import task_tokens  # noqa: E402
 from kit.infer import predict  # noqa: E402
 from kit.pretune import PretuneSettings, training_tasks  # noqa: E402
 from kit.ttt import train_task  # noqa: E402
-from kit.vote import rank, two_attempts  # noqa: E402
+from kit.vote import RANK_BY, rank, two_attempts  # noqa: E402
 from kit.weights import ensure_default_model  # noqa: E402
 from kit.workers import Worker  # noqa: E402
 
 
 @dataclass
 class Tally:
-    """What one setting did over the tasks so far."""
+    """What one setting did over the tasks so far (two-attempt accuracy under every ranking rule: ranking is
+    free once the candidates are scored)."""
     outputs: int = 0
     oracle: int = 0
-    solved: int = 0
+    solved: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RANK_BY, 0))
     candidates: int = 0
     seconds: list[float] = field(default_factory=list)
 
     def row(self, name: str) -> str:
         n = max(self.outputs, 1)
-        return (f"| {name} | {self.oracle}/{self.outputs} ({self.oracle / n:.0%}) | {self.solved}/{self.outputs} "
-                f"({self.solved / n:.0%}) | {self.candidates / n:.1f} | {np.mean(self.seconds or [0]):.1f} |")
+        solved = " | ".join(f"{k}/{self.outputs} ({k / n:.0%})" for k in self.solved.values())
+        return (f"| {name} | {self.oracle}/{self.outputs} ({self.oracle / n:.0%}) | {solved} "
+                f"| {self.candidates / n:.1f} | {np.mean(self.seconds or [0]):.1f} |")
 
 
 def held_out_tasks(count: int) -> list:
@@ -92,17 +94,20 @@ def main() -> None:
                 tally = tallies[loss, name]
                 with worker.backend.merged_adapter() if infer.merge_adapter else nullcontext():
                     for test_input, truth in zip(task.test_inputs, task.test_outputs):
-                        ranked = rank(predict(worker.backend, worker.fmt, task, test_input, infer, rng), infer.rank_by)
+                        candidates = predict(worker.backend, worker.fmt, task, test_input, infer, rng)
                         tally.outputs += 1
-                        tally.candidates += len(ranked)
-                        tally.oracle += any(np.array_equal(c.grid, truth) for c in ranked)
-                        tally.solved += any(np.array_equal(a, truth) for a in two_attempts(ranked, test_input))
+                        tally.candidates += len(candidates)
+                        tally.oracle += any(np.array_equal(c.grid, truth) for c in candidates)
+                        for rule in RANK_BY:
+                            attempts = two_attempts(rank(candidates, rule), test_input)
+                            tally.solved[rule] += any(np.array_equal(a, truth) for a in attempts)
                 tally.seconds.append(ttt.seconds + time.monotonic() - start)
         # the table so far after every task: a long run that is stopped still says what it measured
         print(f"\n{n} of {len(tasks)} held-out ARC-AGI-1 training tasks ({' '.join(t.id for t in tasks[:n])}), "
               f"{args.steps} TTT steps, {args.augs} decoding views")
-        print("| TTT loss, search, scoring | oracle | two attempts | candidates per test input | seconds per task |")
-        print("|---|---|---|---|---|")
+        print("| TTT loss, search, scoring | oracle | " + " | ".join(f"two attempts ({r})" for r in RANK_BY)
+              + " | candidates per test input | seconds per task |")
+        print("|---|---|" + "---|" * len(RANK_BY) + "---|---|")
         for (loss, name), tally in tallies.items():
             print(tally.row(f"{loss}, {name}"))
         sys.stdout.flush()

@@ -45,7 +45,7 @@ class InferSettings:
     batch_size: int = 16  # sequences per forward pass when decoding and scoring
     max_batch_tokens: int = 4096  # and padded tokens per forward pass (memory, and time past a deadline)
     keep_background: bool = True
-    rank_by: str = "score"  # how vote.py ranks candidates: "score" (product of experts) or "votes"
+    rank_by: str = "score"  # how vote.py ranks candidates: "score" (product of experts), "votes" or "combined"
     search: str = "greedy"  # kit/decode.py's search per view: "greedy" (one answer) or "dfs" (all above a threshold)
     dfs_threshold: float = 0.1  # dfs: keep answers at least this likely (the anchors use 0.09-0.2)
     dfs_max: int = 8  # dfs: at most this many answers per view (the greedy one always among them)

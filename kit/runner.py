@@ -71,7 +71,8 @@ def load_profile(config: RunConfig, log: Callable[[str], None]) -> Profile:
 
 
 def make_planner(config: RunConfig, profile: Profile) -> Planner:
-    return Planner(profile, config.ttt.steps, config.infer.augs, config.max_steps, config.max_augs)
+    return Planner(profile, config.ttt.steps, config.infer.augs, config.max_steps, config.max_augs,
+                   config.infer.score_views, config.infer.search)
 
 
 def estimate(config: RunConfig, task: Task) -> TaskEstimate:

@@ -50,6 +50,12 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+# DFS (kit/decode.py) decodes each view alone and backtracks; measured by bench/selection.py (5 held-out tasks,
+# 8 views, p = 0.1, docs/results.md): 9.4 candidates per test input against 5.0 greedy, +20-30 s a task on this
+# CPU, about twice greedy decoding's tokens per view.
+DFS_EXPANSION = 2.0
+DFS_CANDIDATES = 1.2
+
 # --- throughput ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -71,14 +77,22 @@ class Profile:
     def train_seconds(self, steps: int, tokens_per_step: float) -> float:
         return steps * (self.train_step_s + tokens_per_step / self.train_tokens_per_s)
 
-    def infer_seconds(self, views: int, prompt_tokens: int, decode_tokens: int, tests: int) -> float:
-        """Prefill `views` prompts and decode them in one batch up to `decode_tokens` steps, then score about
-        views/2 candidates under every view (product of experts: their answers after the prefilled prompts),
-        for each test input."""
-        prefill = views * prompt_tokens / self.prefill_tokens_per_s
-        decode = decode_tokens * (self.decode_step_s + views * self.decode_row_s)
-        candidates = max(1.0, views / 2)
-        scoring = candidates * views * decode_tokens / self.prefill_tokens_per_s
+    def infer_seconds(self, views: int, prompt_tokens: int, decode_tokens: int, tests: int,
+                      score_views: int = 0, search: str = "greedy") -> float:
+        """Prefill `views` prompts and decode them (greedy: in one batch up to `decode_tokens` steps; DFS: a view
+        at a time, exploring DFS_EXPANSION x the tokens of one answer), then score the candidates (about views/2
+        greedy, DFS_CANDIDATES x views with DFS) under every one of max(views, `score_views`) views (product of
+        experts: their answers after the prefilled prompts; fresh score views prefill their prompts too), for
+        each test input."""
+        judges = max(views, score_views)
+        prefill = judges * prompt_tokens / self.prefill_tokens_per_s
+        if search == "dfs":
+            decode = views * DFS_EXPANSION * decode_tokens * (self.decode_step_s + self.decode_row_s)
+            candidates = DFS_CANDIDATES * views
+        else:
+            decode = decode_tokens * (self.decode_step_s + views * self.decode_row_s)
+            candidates = max(1.0, views / 2)
+        scoring = candidates * judges * decode_tokens / self.prefill_tokens_per_s
         return tests * (prefill + decode + scoring)
 
     def save(self, path: Path) -> None:
@@ -224,6 +238,8 @@ class Planner:
     base_views: int
     max_steps: int | None = None  # None: the base (no scale-up)
     max_views: int | None = None
+    score_views: int = 0  # the search settings inference will run with (what a view costs)
+    search: str = "greedy"
     difficulty: Difficulty = field(default_factory=Difficulty)
     corrections: Corrections = field(default_factory=Corrections)
 
@@ -238,9 +254,13 @@ class Planner:
         if level.views == 0:
             return 0.0, 0.0
         train = self.profile.train_seconds(level.steps, est.step_tokens) * self.corrections.train
-        infer = (self.profile.infer_seconds(level.views, est.prompt_tokens, est.decode_tokens, est.tests)
-                 + self.profile.task_overhead_s) * self.corrections.infer
+        infer = (self.view_seconds(est, level.views) + self.profile.task_overhead_s) * self.corrections.infer
         return train, infer
+
+    def view_seconds(self, est: TaskEstimate, views: int) -> float:
+        """Inference of a task with `views` decoding views, as the run's search and score views will do it."""
+        return self.profile.infer_seconds(views, est.prompt_tokens, est.decode_tokens, est.tests, self.score_views,
+                                          self.search)
 
     def observe(self, est: TaskEstimate, record: TaskRecord) -> None:
         """Correct the costs of the tasks still to come by what this one really took (the steps it really ran:
@@ -248,9 +268,7 @@ class Planner:
         if record.ttt_seconds is None:  # the model never ran: nothing measured
             return
         self.corrections.update(self.profile.train_seconds(record.ttt_steps, est.step_tokens), record.ttt_seconds,
-                                self.profile.infer_seconds(record.planned_views or 0, est.prompt_tokens,
-                                                           est.decode_tokens, est.tests)
-                                + self.profile.task_overhead_s,
+                                self.view_seconds(est, record.planned_views or 0) + self.profile.task_overhead_s,
                                 record.infer_seconds + record.vote_seconds)
 
     def table(self, est: TaskEstimate) -> tuple[list[Level], np.ndarray, np.ndarray]:

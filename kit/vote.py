@@ -41,14 +41,21 @@ def tally(grids: list[Grid]) -> list[Candidate]:
     return list(by_key.values())
 
 
+RANK_BY = ("score", "votes", "combined")
+
+
 def rank(candidates: list[Candidate], method: str = "score") -> list[Candidate]:
-    """Best first. "score": product-of-experts likelihood, votes break ties; "votes": votes, then score."""
+    """Best first. "score": product-of-experts likelihood, votes break ties; "votes": votes, then score;
+    "combined": the likelihood plus the log of the votes, i.e. the views' experts times a prior proportional to
+    how often decoding found the grid (a grid found by every view beats a slightly likelier one found once)."""
     if method == "score":
         key = lambda c: (c.score, c.votes)  # noqa: E731
     elif method == "votes":
         key = lambda c: (c.votes, c.score)  # noqa: E731
+    elif method == "combined":
+        key = lambda c: (c.score + np.log(max(c.votes, 1)), c.votes)  # noqa: E731
     else:
-        raise ValueError(f"unknown ranking method {method!r}; use 'score' or 'votes'")
+        raise ValueError(f"unknown ranking method {method!r}; use one of {', '.join(RANK_BY)}")
     return sorted(candidates, key=key, reverse=True)
 
 

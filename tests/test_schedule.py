@@ -156,3 +156,15 @@ def test_longer_training_and_more_views_are_worth_something_past_the_base():
     d = Difficulty()
     assert d.solve_chance(100, True, 64, 8) < d.solve_chance(100, True, 256, 8) < d.solve_chance(100, True, 1024, 8)
     assert d.solve_chance(20, True, 64, 8) < d.solve_chance(20, True, 64, 32)
+
+
+def test_the_planner_prices_dfs_and_fresh_score_views():
+    task, level = estimate("t"), Level(32, 8)
+    greedy, dfs = Planner(Profile(), 64, 8), Planner(Profile(), 64, 8, search="dfs")
+    scored = Planner(Profile(), 64, 8, score_views=16)
+    assert greedy.costs(task, level)[0] == dfs.costs(task, level)[0] == scored.costs(task, level)[0]
+    assert greedy.costs(task, level)[1] < dfs.costs(task, level)[1]
+    assert greedy.costs(task, level)[1] < scored.costs(task, level)[1]
+    capacity = 10 * sum(greedy.costs(task, Level(64, 8)))
+    tasks = [estimate(f"t{i}") for i in range(20)]
+    assert sum(a.seconds for a in dfs.plan(tasks, capacity)) <= capacity  # still inside: a budget stays met

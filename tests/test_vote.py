@@ -24,6 +24,10 @@ def test_rank_by_score_or_votes():
     likely = Candidate(g([2]), votes=1, view_scores=[-1.0, -2.0])
     assert rank([many_votes, likely], "score")[0] is likely
     assert rank([many_votes, likely], "votes")[0] is many_votes
+    # combined: likelihood + log votes. -4 + log 5 = -2.39 is below -1.5, above -2.5
+    assert rank([many_votes, likely], "combined")[0] is likely
+    close = Candidate(g([3]), votes=1, view_scores=[-2.5, -2.5])
+    assert rank([many_votes, close], "combined")[0] is many_votes and rank([many_votes, close])[0] is close
     with pytest.raises(ValueError, match="unknown ranking"):
         rank([likely], "coin")
 
