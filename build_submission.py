@@ -92,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="TTT loss on the query output only, also on the demonstration outputs after the first "
                         "(outputs), or on all of them (all-outputs)")
     m.add_argument("--max-length", type=positive, default=RunConfig.max_length, metavar="TOKENS",
-                   help="longest sequence trained on or prompted with (demonstrations are dropped to fit)")
+                   help="longest sequence trained on or prompted with (demonstrations are dropped to fit; "
+                        "default: the model's positions, cut per task by the memory plan)")
     m.add_argument("--rank-by", choices=RANK_BY, default=InferSettings.rank_by,
                    help="pick the two attempts by product-of-experts likelihood (score), by votes, or by both "
                         "(combined: likelihood + log votes)")

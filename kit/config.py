@@ -66,7 +66,8 @@ class RunConfig:
     model: Path | None = None  # model directory; None: the embedded default
     backend: str = "auto"  # auto | unsloth | peft
     compile: str = "auto"  # auto | on | off: compile the training pass (`compiles`)
-    max_length: int = 2048  # longest sequence trained on or prompted with (the backend also caps it by the model)
+    max_length: int | None = None  # longest sequence trained on or prompted with; None: the model's positions
+    # (kit.weights.model_positions), which the memory plan cuts per task where memory is short
     budget: float | None = None  # seconds for the whole run; None: every task gets the full steps and views
     margin: float | None = None  # seconds kept free before the budget ends; None: max(10 s, 3% of the budget)
     workers: int | None = None  # worker processes; None: workers_per_gpu per visible GPU, else one

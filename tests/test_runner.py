@@ -126,7 +126,7 @@ def test_a_failing_task_is_retried_smaller_then_keeps_its_baseline(tmp_path, mon
     task = load_bundled("arc1-eval").select([SMALL[0]]).tasks[0]
     assert json.loads(out.read_text())[SMALL[0]][0]["attempt_1"] == task.test_inputs[0].tolist()
     assert "OutOfMemoryError" in second["error"] and second["ttt_steps"] == 1
-    assert second["retried"]["steps"] == 1 and second["retried"]["max_length"] < 2048
+    assert second["retried"]["steps"] == 1 and second["retried"]["max_length"] < 8192  # below the positions
     assert [c[1] for c in calls if c[0] == SMALL[1]] == [2, 1]
 
 

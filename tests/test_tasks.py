@@ -3,7 +3,9 @@ import json
 import numpy as np
 import pytest
 
+from kit.format import answer_budget, demos_that_fit, grid_tokens
 from kit.grids import GridError, to_grid
+from kit.shapes import plausible_side
 from kit.tasks import TaskError, attach_solutions, load_bundled, load_challenges, load_solutions
 
 GOOD_TASK = {"train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]}], "test": [{"input": [[0]]}]}
@@ -126,3 +128,18 @@ def test_to_grid_accepts_arrays_and_returns_uint8():
     assert grid.dtype == np.uint8 and grid.tolist() == [[1, 2]]
     with pytest.raises(GridError):
         to_grid([[1, 2]] * 0, "x")
+
+
+@pytest.mark.parametrize("dataset", ["arc1-eval", "arc2-eval"])
+def test_at_the_default_models_context_every_evaluation_task_keeps_a_demonstration(dataset):
+    """The default context (the default model's positions) leaves every test prompt of ARC-AGI-1 and ARC-AGI-2
+    evaluation at least one demonstration beside its answer's room, and every task a leave-one-out example with
+    one (at 2048 tokens, 64 of 400 and 46 of 120 prompts kept none)."""
+    from kit.weights import model_positions
+
+    context = model_positions(None)
+    for task in load_bundled(dataset).tasks:
+        for grid in task.test_inputs:
+            assert demos_that_fit(task.train, grid, answer_budget(plausible_side(task, grid)), context), task.id
+        assert any(demos_that_fit(task.train[:i] + task.train[i + 1:], q.input, grid_tokens(q.output.shape) + 1,
+                                  context) for i, q in enumerate(task.train)), task.id
