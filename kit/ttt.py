@@ -8,7 +8,9 @@ demonstrations.
 """
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -122,24 +124,33 @@ def adamw(parameters: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
 
 
 def train_step(backend: Backend, batch: list[Sequence], pad_id: int, vocab: torch.Tensor,
-               optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler) -> tuple[float, int]:
-    """One optimiser step on a batch (loss on labelled tokens within `vocab`, gradients clipped to norm 1);
-    returns the loss and the real tokens it saw. Shared by TTT and pretuning."""
-    ids, labels, mask = collate(batch, pad_id)
-    loss = backend.loss(ids, labels, mask, vocab)
-    loss.backward()
+               optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
+               more: Iterable[list[Sequence]] = ()) -> tuple[float, int]:
+    """One optimiser step on a batch (loss on labelled tokens within `vocab`, gradients clipped to norm 1), its
+    gradients accumulated with those of the `more` batches (each weighted equally: pretuning's accumulation);
+    returns the mean loss and the real tokens seen. Shared by TTT and pretuning."""
+    batches = [batch, *more]
+    total, tokens = 0.0, 0
+    for micro in batches:
+        ids, labels, mask = collate(micro, pad_id)
+        loss = backend.loss(ids, labels, mask, vocab) / len(batches)
+        loss.backward()
+        total += float(loss.detach())
+        tokens += int(mask.sum())
     torch.nn.utils.clip_grad_norm_(backend.trainable_parameters(), 1.0)
     optimizer.step()
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach()), int(mask.sum())
+    return total, tokens
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to the full learning rate over `warmup` steps, then linear decay to zero at `total`."""
+def lr_factor(step: int, warmup: int, total: int, shape: str = "linear") -> float:
+    """Linear warm-up to the full learning rate over `warmup` steps, then decay to zero at `total`: linear, or
+    along a half cosine (pretuning's longer runs keep the rate high for longer)."""
     if step < warmup:
         return (step + 1) / warmup
-    return max(0.0, (total - step) / max(total - warmup, 1))
+    left = max(0.0, (total - step) / max(total - warmup, 1))
+    return left if shape == "linear" else 0.5 * (1 - math.cos(math.pi * left))
 
 
 def converged(losses: list[float], settings: TTTSettings) -> bool:

@@ -80,3 +80,29 @@ def test_resume_takes_a_whole_staging_checkpoint_when_a_kill_fell_between_remove
     assert latest_checkpoint(checkpoint) == staging
     checkpoint.mkdir()
     assert latest_checkpoint(checkpoint) == checkpoint
+
+
+def test_a_steps_batches_depend_on_the_step_alone_with_gradient_accumulation(smollm2_tokenizer):
+    """What makes a resume exact: a fresh stream asked for step 3 draws what a stream that went through steps
+    0-2 draws, and with --grad-accum 2 a step holds two consecutive batches of the chunk stream."""
+    from kit.format import GridFormat
+    from kit.pretune import BatchStream
+
+    fmt = GridFormat.from_tokenizer(smollm2_tokenizer)
+    tasks = load_bundled("arc1-train").tasks[:20]
+    settings = PretuneSettings(batch_size=2, max_length=2048, grad_accum=2)
+    walked = BatchStream(fmt, tasks, settings)
+    steps = [walked.step(s) for s in range(12)]  # 24 batches: across a chunk boundary (16)
+    fresh = BatchStream(fmt, tasks, settings).step(9)
+    assert len(fresh) == 2 and all(len(b) == 2 for b in fresh)
+    assert same_batches(fresh, steps[9]) and not same_batches(fresh, steps[8])
+    single = BatchStream(fmt, tasks, replace(settings, grad_accum=1))
+    assert same_batches([single.step(2 * 9)[0], single.step(2 * 9 + 1)[0]], steps[9])
+
+
+def same_batches(a: list, b: list) -> bool:
+    """Batches of (ids, labels) sequences, equal array by array."""
+    import numpy as np
+
+    return len(a) == len(b) and all(len(x) == len(y) and all(
+        all(np.array_equal(u, v) for u, v in zip(s, t)) for s, t in zip(x, y)) for x, y in zip(a, b))

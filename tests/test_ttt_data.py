@@ -1,5 +1,6 @@
 """The data side of TTT: leave-one-out sequences under a length limit, length buckets, padding."""
 import numpy as np
+import pytest
 
 from kit.augment import task_rng
 from kit.config import TTTSettings
@@ -68,3 +69,10 @@ def test_learning_rate_warms_up_to_full_then_decays_to_zero():
     factors = [lr_factor(step, warmup=5, total=60) for step in range(61)]
     assert factors[0] == 0.2 and factors[4] == 1.0 and factors[5] == 1.0
     assert all(a >= b for a, b in zip(factors[5:], factors[6:])) and factors[60] == 0.0
+
+
+def test_the_cosine_schedule_decays_along_a_half_cosine_from_full_to_zero():
+    factors = [lr_factor(step, warmup=5, total=65, shape="cosine") for step in range(66)]
+    assert factors[4] == 1.0 and factors[5] == 1.0 and factors[65] == 0.0
+    assert factors[35] == pytest.approx(0.5) and factors[20] > lr_factor(20, warmup=5, total=65)  # higher for longer
+    assert all(a >= b for a, b in zip(factors[5:], factors[6:]))
