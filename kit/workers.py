@@ -173,7 +173,6 @@ def _worker_main(index: int, gpu: int | None, threads: int, config: RunConfig, m
         return
     results.put(("ready", index, worker.describe()))
     while (job := jobs.get()) is not None:
-        results.put(("start", index, job.task.id))
         record = worker.run(job, log)
         record.worker = index
         results.put(("result", index, record))
