@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kit.config import InferSettings, LoraSettings, RunConfig, TTTSettings
+from kit.config import DTYPES, InferSettings, LoraSettings, RunConfig, SettingError, TTTSettings
 from kit.format import LOSS_ON, FormatError
 from kit.grids import GridError
 from kit.schedule import parse_duration
@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     m.add_argument("--model", type=Path, metavar="DIR", help="model directory (default: the embedded SmolLM2-135M)")
     m.add_argument("--backend", choices=("auto", "unsloth", "peft"), default="auto",
                    help="unsloth where it imports (auto), else transformers+peft")
+    m.add_argument("--dtype", choices=DTYPES, default=RunConfig.dtype,
+                   help="compute dtype (auto: bf16 where the device has it, fp16 with loss scaling on GPUs without "
+                        "it such as a T4, else fp32)")
+    m.add_argument("--load-in-4bit", action="store_true",
+                   help="keep the frozen weights in 4 bits (bitsandbytes NF4, CUDA only); LoRA trains on top and "
+                        "inference runs through the LoRA branch (no merge into packed weights)")
     m.add_argument("--compile", choices=("auto", "on", "off"), default=RunConfig.compile,
                    help="compile the TTT training pass with torch.compile (auto: on a CPU when the run trains for "
                         "minutes; costs 10-50 s once per worker, saves ~20%% of each step)")
@@ -143,7 +149,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     return RunConfig(
         challenges=args.challenges, solutions=args.solutions, dataset=args.dataset, tasks=args.tasks, out=args.out,
         seed=args.seed, no_model=args.no_model, skip_bad=args.skip_bad, report=args.report, model=args.model,
-        backend=args.backend, compile=args.compile, max_length=args.max_length, budget=args.budget, margin=args.margin,
+        backend=args.backend, dtype=args.dtype, load_in_4bit=args.load_in_4bit, compile=args.compile,
+        max_length=args.max_length, budget=args.budget, margin=args.margin,
         workers=args.workers, workers_per_gpu=args.workers_per_gpu, memory=args.memory,
         max_steps=args.steps if args.no_scale_up else max(args.steps, args.max_steps),
         max_augs=args.augs if args.no_scale_up else max(args.augs, args.max_augs),
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             from kit.report import write_report
 
             print(f"report {write_report(config.out)}")
-    except (GridError, FormatError, OSError) as e:  # bad input or model: one clear line, no traceback
+    except (GridError, FormatError, SettingError, OSError) as e:  # bad input or model: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -38,6 +38,8 @@ from ttt_throughput import synchronize  # noqa: E402
 
 from kit.backend import Backend, load_backend  # noqa: E402
 from kit.backend.cache import index_in  # noqa: E402
+from kit.backend.head import Head  # noqa: E402
+from kit.backend.model import HALF  # noqa: E402
 from kit.config import InferSettings, RunConfig, TTTSettings  # noqa: E402
 from kit.decode import greedy  # noqa: E402
 from kit.format import GridFormat, task_tokens  # noqa: E402
@@ -73,11 +75,9 @@ def reference_log_probs(backend: Backend, fmt: GridFormat, ids: torch.Tensor) ->
     the model's own attention), with the head in fp32 as the kit's: bf16 logits would be off by ~0.1 a token."""
     base = backend.model.get_base_model()
     allowed = torch.tensor(fmt.grid_vocabulary, device=backend.device)
-    with torch.no_grad(), torch.autocast(backend.device.type, dtype=torch.bfloat16,
-                                         enabled=backend.dtype == torch.bfloat16):
+    with torch.no_grad(), torch.autocast(backend.device.type, dtype=backend.dtype, enabled=backend.dtype in HALF):
         hidden = base.get_decoder()(input_ids=ids[None]).last_hidden_state[0]
-    head = base.get_output_embeddings().weight[allowed]
-    return (hidden.float() @ head.float().T).log_softmax(-1)
+    return Head.of(base).restricted(allowed)(hidden).log_softmax(-1)  # checked against the model's logits at load
 
 
 def uncached_greedy(backend: Backend, fmt: GridFormat, prompt: np.ndarray, count: int) -> list[int]:

@@ -99,12 +99,13 @@ def main() -> None:
     naive_opt = torch.optim.AdamW(params, lr=1e-4)
     kit_opt = adamw(kit.trainable_parameters(), 1e-4)
     kit_schedule = torch.optim.lr_scheduler.LambdaLR(kit_opt, lambda step: 1.0)
+    kit_scaler = kit.loss_scaler()
     kit.set_checkpointing(opts.checkpointing)
     compile_s = kit.compile_training() if RunConfig(compile=opts.compile).compiles(device.type) else 0.0
 
     def kit_step(batch) -> int:
         kit.train()
-        return train_step(kit, batch, fmt.eos_id, vocab, kit_opt, kit_schedule)[1]
+        return train_step(kit, batch, fmt.eos_id, vocab, kit_opt, kit_schedule, kit_scaler)[1]
 
     def naive_step(batch) -> int:
         ids, labels, mask = (t.to(device) for t in collate(batch, fmt.eos_id))

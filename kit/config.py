@@ -12,17 +12,27 @@ COMPILE_MIN_BUDGET = 300.0  # seconds of run budget
 COMPILE_MIN_STEPS = 300  # or, without a budget, TTT steps over all tasks
 
 
+DTYPES = ("auto", "bf16", "fp16", "fp32")  # --dtype
+ALL_LINEAR = "all-linear"  # LoRA on every linear projection of the decoder layers, whatever the family names them
+
+
+class SettingError(ValueError):
+    """A run setting this machine cannot honour (4-bit weights without a GPU): the run stops with one line."""
+
+
 @dataclass
 class LoraSettings:
     rank: int = 32
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = (ALL_LINEAR,)  # or projection names (kit.backend.adapter.target_names)
 
     def peft_config(self) -> dict[str, Any]:
-        """Keyword arguments shared by peft.LoraConfig and unsloth's get_peft_model."""
-        return dict(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                    target_modules=list(self.target_modules), bias="none")
+        """Keyword arguments shared by peft.LoraConfig and unsloth's get_peft_model (peft reads ALL_LINEAR
+        itself; the kit's loaders pass the names it stands for, `kit.backend.adapter.target_names`)."""
+        targets = ALL_LINEAR if self.target_modules == (ALL_LINEAR,) else list(self.target_modules)
+        return dict(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                    bias="none")
 
 
 @dataclass
@@ -65,6 +75,8 @@ class RunConfig:
     report: bool = False  # after the run, write the HTML report beside `out` (kit/report.py)
     model: Path | None = None  # model directory; None: the embedded default
     backend: str = "auto"  # auto | unsloth | peft
+    dtype: str = "auto"  # compute dtype, DTYPES: auto picks by the device (kit.backend.load.resolve_dtype)
+    load_in_4bit: bool = False  # frozen weights in 4 bits (bitsandbytes, CUDA only), LoRA on top, no merge
     compile: str = "auto"  # auto | on | off: compile the training pass (`compiles`)
     max_length: int | None = None  # longest sequence trained on or prompted with; None: the model's positions
     # (kit.weights.model_positions), which the memory plan cuts per task where memory is short

@@ -26,6 +26,7 @@ from kit.grids import MAX_SIDE
 
 if TYPE_CHECKING:
     from kit.backend import Backend
+    from kit.backend.head import Head
     from kit.backend.likelihood import Ids
 
 GiveUp = Callable[[np.ndarray], np.ndarray]  # each step's token of every row -> rows that can no longer be a grid
@@ -128,7 +129,7 @@ def dfs(backend: Backend, prefix: Prefix, fmt: GridFormat, threshold: float, max
     return results
 
 
-def _search_row(backend: Backend, prefix: Prefix, row: int, fmt: GridFormat, vocab: np.ndarray, head: torch.Tensor,
+def _search_row(backend: Backend, prefix: Prefix, row: int, fmt: GridFormat, vocab: np.ndarray, head: Head,
                 floor: float, max_new_tokens: int, max_answers: int, deadline: float | None, max_side: int
                 ) -> list[Answer]:
     """The DFS of one prompt (see `dfs`)."""
@@ -150,9 +151,9 @@ def _search_row(backend: Backend, prefix: Prefix, row: int, fmt: GridFormat, voc
             if fed > parent:
                 cache = cache_rows([(k[:, :, :length + parent], v[:, :, :length + parent])
                                     for k, v in layer_keys_values(cache)], legacy=prefix.legacy)
-            mask = torch.ones((1, length + parent + 1), dtype=torch.long, device=head.device)
-            positions = torch.full((1, 1), length + parent, dtype=torch.long, device=head.device)
-            token = torch.tensor([node.tokens[-1]], dtype=torch.long, device=head.device)
+            mask = torch.ones((1, length + parent + 1), dtype=torch.long, device=backend.device)
+            positions = torch.full((1, 1), length + parent, dtype=torch.long, device=backend.device)
+            token = torch.tensor([node.tokens[-1]], dtype=torch.long, device=backend.device)
             cache, hidden = backend.step(token, mask, positions, cache)
             fed = parent + 1
         log_probs = torch.log_softmax(backend.logits(hidden, head)[0], -1).double().cpu().numpy()

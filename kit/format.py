@@ -75,6 +75,21 @@ def demos_that_fit(demos: Sequence[Pair], query_input: Grid, answer_tokens: int,
 LOSS_ON = ("query", "outputs", "all-outputs")  # which outputs of a training sequence carry loss (encode_example)
 
 
+def symbol_id(tokenizer: Any, symbol: str, vocab: dict[str, int]) -> int | None:
+    """The id of the bare token for `symbol`, None when there is none. The bare piece itself where the
+    vocabulary has it (a SentencePiece tokenizer's "5", not its word-initial "▁5"); else what the symbol alone
+    encodes to when that is one token (byte-level BPE's "Ċ" for the newline; `vocab` is the tokenizer's); else,
+    where the tokenizer puts a dummy prefix in front ("5" -> "▁", "5"; "\n" -> "▁", "<0x0A>"), the token among
+    those that decodes to it."""
+    if symbol in vocab:
+        return int(vocab[symbol])
+    ids = tokenizer.encode(symbol, add_special_tokens=False)
+    if len(ids) == 1:
+        return int(ids[0])
+    bare = [i for i in ids if tokenizer.decode([i]) == symbol]
+    return int(bare[-1]) if len(bare) == 1 else None
+
+
 @dataclass(frozen=True)
 class GridFormat:
     """The token ids of the format's symbols for one tokenizer."""
@@ -88,21 +103,22 @@ class GridFormat:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, where: str = "tokenizer") -> GridFormat:
-        """Read the ids from a HF tokenizer; refuse one where a symbol is not exactly one token."""
-        def single(symbol: str) -> int:
-            ids = tokenizer.encode(symbol, add_special_tokens=False)
-            if len(ids) != 1:
-                raise FormatError(f"{where}: {symbol!r} encodes to {len(ids)} tokens {ids}; the grid format "
-                                  "needs every digit, the newline and the markers 'I'/'O' to be single tokens")
-            return int(ids[0])
-
+        """Read the ids from a HF tokenizer (`symbol_id`); refuse one that lacks a symbol, in one line naming
+        `where` (the model directory) and every missing symbol."""
         if tokenizer.eos_token_id is None:
             raise FormatError(f"{where}: the tokenizer has no EOS token")
-        fmt = cls(tuple(single(d) for d in DIGITS), single(ROW_END), single(INPUT_MARK), single(OUTPUT_MARK),
+        symbols = [*DIGITS, ROW_END, INPUT_MARK, OUTPUT_MARK]
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        found = {symbol: symbol_id(tokenizer, symbol, vocab) for symbol in symbols}
+        missing = [symbol for symbol, found_id in found.items() if found_id is None]
+        if missing:
+            raise FormatError(f"{where}: the tokenizer has no single token for {', '.join(map(repr, missing))}; "
+                              "the grid format needs one for every digit, the newline and the markers 'I'/'O'")
+        fmt = cls(tuple(found[d] for d in DIGITS), found[ROW_END], found[INPUT_MARK], found[OUTPUT_MARK],
                   int(tokenizer.eos_token_id), tokenizer.bos_token_id)
-        symbols = [*fmt.digit_ids, fmt.row_end_id, fmt.input_id, fmt.output_id, fmt.eos_id]
-        if len(set(symbols)) != len(symbols):
-            raise FormatError(f"{where}: two symbols of the grid format share a token id: {symbols}")
+        ids = [*fmt.digit_ids, fmt.row_end_id, fmt.input_id, fmt.output_id, fmt.eos_id]
+        if len(set(ids)) != len(ids):
+            raise FormatError(f"{where}: two symbols of the grid format share a token id: {ids}")
         return fmt
 
     @property

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from kit.atomic import atomic_file, write_json_atomic
-from kit.config import LoraSettings
+from kit.config import DTYPES, LoraSettings
 from kit.format import LOSS_ON
 from kit.tasks import Task, evaluation_ids, load_bundled, load_challenges
 from kit.ttt import adamw, bucketed_batches, collate, lr_factor, train_step, training_sequences
@@ -62,6 +62,7 @@ class PretuneSettings:
     save_every: int = 50
     seed: int = 0
     backend: str = "auto"
+    dtype: str = "auto"  # kit.config.DTYPES
     loss_on: str = "query"  # outputs of each sequence that carry loss (kit.format.LOSS_ON); held-out loss: query only
     resume: bool = False
 
@@ -133,13 +134,14 @@ def held_out_loss(backend, fmt, tasks: list[Task], settings: PretuneSettings, vo
     return float(np.mean(losses))
 
 
-def save_checkpoint(backend, optimizer, schedule, state: dict, directory: Path) -> None:
+def save_checkpoint(backend, optimizer, schedule, scaler, state: dict, directory: Path) -> None:
     """Adapter + optimiser + schedule + progress, replaced atomically (a kill never leaves half of one)."""
     staging = staging_of(directory)
     shutil.rmtree(staging, ignore_errors=True)
     backend.model.save_pretrained(staging)
     with atomic_file(staging / "state.pt", "wb") as f:  # written last: a staging copy with it is whole
-        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), **state}, f)
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "scaler": scaler.state_dict(), **state}, f)
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)
 
@@ -156,7 +158,7 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return staging_of(directory) if (staging_of(directory) / "state.pt").is_file() else None
 
 
-def load_checkpoint(backend, optimizer, schedule, directory: Path) -> dict:
+def load_checkpoint(backend, optimizer, schedule, scaler, directory: Path) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -164,6 +166,8 @@ def load_checkpoint(backend, optimizer, schedule, directory: Path) -> dict:
     state = torch.load(directory / "state.pt", weights_only=False)
     optimizer.load_state_dict(state.pop("optimizer"))
     schedule.load_state_dict(state.pop("schedule"))
+    if "scaler" in state:  # checkpoints before fp16 training had none
+        scaler.load_state_dict(state.pop("scaler"))
     return state
 
 
@@ -179,17 +183,19 @@ def pretune(settings: PretuneSettings, log=print) -> Path:
     model_dir = settings.base or ensure_default_model(log)
     settings = replace(settings, max_length=settings.max_length or model_positions(model_dir))
     lora = LoraSettings(rank=settings.lora_rank, alpha=settings.lora_rank, target_modules=settings.lora_targets)
-    backend = load_backend(model_dir, settings.backend, lora, settings.max_length, settings.seed, log)
+    backend = load_backend(model_dir, settings.backend, lora, settings.max_length, settings.seed, log,
+                           settings.dtype)
     backend.reset_lora(settings.seed)
     fmt = GridFormat.from_tokenizer(backend.tokenizer, str(model_dir))
     vocab = torch.tensor(fmt.grid_vocabulary, dtype=torch.long)
     optimizer = adamw(backend.trainable_parameters(), settings.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=settings.warmup_steps,
                                                                     total=settings.steps, shape=settings.schedule))
+    scaler = backend.loss_scaler()
     checkpoint = settings.out / "checkpoint"
     state = {"step": 0, "losses": [], "held_out": [], "tokens": 0}
     if settings.resume and (latest := latest_checkpoint(checkpoint)) is not None:
-        state = load_checkpoint(backend, optimizer, schedule, latest)
+        state = load_checkpoint(backend, optimizer, schedule, scaler, latest)
         log(f"resumed {latest} at step {state['step']}")
     settings.out.mkdir(parents=True, exist_ok=True)
     if state["step"] == 0:  # the base's own held-out loss: what pretuning is measured against
@@ -201,7 +207,7 @@ def pretune(settings: PretuneSettings, log=print) -> Path:
     start, tokens_before = time.monotonic(), state.get("tokens", 0)
     while state["step"] < settings.steps:
         first, *more = draw.step(state["step"])
-        loss, tokens = train_step(backend, first, fmt.eos_id, vocab, optimizer, schedule, more)
+        loss, tokens = train_step(backend, first, fmt.eos_id, vocab, optimizer, schedule, scaler, more)
         state["step"] += 1
         state["losses"].append(round(loss, 4))
         state["tokens"] = state.get("tokens", 0) + tokens
@@ -212,7 +218,7 @@ def pretune(settings: PretuneSettings, log=print) -> Path:
             state["held_out"].append((state["step"], round(held_out_loss(backend, fmt, held, settings, vocab), 4)))
             bar.write(f"step {state['step']}: held-out loss {state['held_out'][-1][1]}")
         if state["step"] % settings.save_every == 0 or state["step"] == settings.steps:
-            save_checkpoint(backend, optimizer, schedule, state, checkpoint)
+            save_checkpoint(backend, optimizer, schedule, scaler, state, checkpoint)
     bar.close()
     adapter = settings.out / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
@@ -245,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-targets", nargs="+", default=list(d.lora_targets), metavar="NAME",
                    help="modules that get a LoRA (default: every attention and MLP projection)")
     p.add_argument("--backend", choices=("auto", "unsloth", "peft"), default=d.backend)
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype,
+                   help="compute dtype (auto: bf16 where the device has it, fp16 with loss scaling on older GPUs)")
     p.add_argument("--loss-on", choices=LOSS_ON, default=d.loss_on,
                    help="outputs that carry loss: the query's, also the demonstrations' after the first, or all")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")

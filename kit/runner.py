@@ -259,6 +259,10 @@ def run(config: RunConfig, log: Callable[[str], None] = print) -> RunResult:
         # The model directory is made ready and checked here, once: a bad one stops the run with one line, and
         # worker processes neither hash it again nor race each other to pack the default.
         with timed(phases, "model load"):
+            if config.load_in_4bit:  # before anything loads, not in every worker
+                from kit.backend.load import check_4bit, pick_device
+
+                check_4bit(pick_device())
             if config.model is None:
                 config = replace(config, model=ensure_default_model(log))
             else:

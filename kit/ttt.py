@@ -99,6 +99,7 @@ def train_on_batches(backend: Backend, fmt: GridFormat, batches: list[list[Seque
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=settings.warmup_steps,
                                                                     total=len(batches)))
     vocab = torch.tensor(fmt.grid_vocabulary, dtype=torch.long)
+    scaler = backend.loss_scaler()
     backend.train()
     step_seconds = 0.0  # the last step's duration: a step that would end past the deadline is not started
     for batch in batches:
@@ -106,7 +107,7 @@ def train_on_batches(backend: Backend, fmt: GridFormat, batches: list[list[Seque
         if deadline is not None and started + step_seconds >= deadline:
             result.stopped = "deadline"
             break
-        loss, tokens = train_step(backend, batch, fmt.eos_id, vocab, optimizer, schedule)
+        loss, tokens = train_step(backend, batch, fmt.eos_id, vocab, optimizer, schedule, scaler)
         result.steps += 1
         result.losses.append(loss)
         result.tokens += tokens
@@ -125,20 +126,23 @@ def adamw(parameters: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
 
 def train_step(backend: Backend, batch: list[Sequence], pad_id: int, vocab: torch.Tensor,
                optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
-               more: Iterable[list[Sequence]] = ()) -> tuple[float, int]:
+               scaler: torch.amp.GradScaler, more: Iterable[list[Sequence]] = ()) -> tuple[float, int]:
     """One optimiser step on a batch (loss on labelled tokens within `vocab`, gradients clipped to norm 1), its
     gradients accumulated with those of the `more` batches (each weighted equally: pretuning's accumulation);
-    returns the mean loss and the real tokens seen. Shared by TTT and pretuning."""
+    returns the mean loss and the real tokens seen. Shared by TTT and pretuning. In fp16 the loss is scaled
+    (`Backend.loss_scaler`) and a step whose gradients overflowed is skipped, as torch.amp does."""
     batches = [batch, *more]
     total, tokens = 0.0, 0
     for micro in batches:
         ids, labels, mask = collate(micro, pad_id)
         loss = backend.loss(ids, labels, mask, vocab) / len(batches)
-        loss.backward()
+        scaler.scale(loss).backward()
         total += float(loss.detach())
         tokens += int(mask.sum())
+    scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(backend.trainable_parameters(), 1.0)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
     return total, tokens

@@ -53,7 +53,8 @@ class Worker:
                                          if manifest.get("token_map") else "")))
         self.config = config
         max_length = config.max_length or model_positions(model_dir)
-        self.backend = load_backend(model_dir, config.backend, config.lora, max_length, config.seed, log)
+        self.backend = load_backend(model_dir, config.backend, config.lora, max_length, config.seed, log,
+                                    config.dtype, config.load_in_4bit)
         self.fmt = GridFormat.from_tokenizer(self.backend.tokenizer, str(model_dir))
         if config.compiles(self.backend.device.type):
             try:

@@ -31,14 +31,21 @@ GRID_VOCAB = [*DIGITS, SYMBOLS.index("\n"), EOS]
 def save_tiny_llama(path: Path) -> Path:
     """A 2-layer random Llama with a one-token-per-character tokenizer, saved like a real model."""
     offline_environment()
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(SYMBOLS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=EOS)
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    return save_char_tokenizer(path)
+
+
+def save_char_tokenizer(path: Path) -> Path:
+    """A one-token-per-character tokenizer over SYMBOLS, saved beside a model."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     core = Tokenizer(models.WordLevel({s: i for i, s in enumerate(SYMBOLS)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",

@@ -89,18 +89,31 @@ def test_the_outputs_loss_masks_exactly_the_demonstration_outputs(fmt, loss_on):
         fmt.encode_example(demos, query, "inputs")
 
 
-class SplittingTokenizer:
-    """A tokenizer whose digits are not single tokens: the format must refuse it."""
+def sentencepiece_tokenizer(pieces: list[str]):
+    """A Llama-2-like tokenizer: a dummy-prefix "▁" before the text, pieces of one character, byte fallback
+    for what has no piece (the newline as "<0x0A>")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    eos_token_id, bos_token_id = 0, None
+    vocab = {piece: i for i, piece in enumerate(["<unk>", "<s>", "</s>", "▁", "<0x0A>", *pieces, "▁5"])}
+    core = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
-    def encode(self, text, add_special_tokens=False):
-        return [1, 2] if text.isdigit() else [3]
+
+def test_a_sentencepiece_tokenizer_with_a_dummy_prefix_gives_its_bare_tokens():
+    tokenizer = sentencepiece_tokenizer([*"0123456789IO"])
+    assert tokenizer.encode("5", add_special_tokens=False) == [3, tokenizer.convert_tokens_to_ids("5")]
+    fmt = GridFormat.from_tokenizer(tokenizer, "spm")
+    assert tokenizer.convert_ids_to_tokens(list(fmt.digit_ids)) == list("0123456789")  # not "▁5"
+    assert tokenizer.convert_ids_to_tokens([fmt.row_end_id, fmt.input_id, fmt.output_id]) == ["<0x0A>", "I", "O"]
 
 
-def test_a_tokenizer_with_multi_token_digits_is_refused():
-    with pytest.raises(FormatError, match="'0' encodes to 2 tokens"):
-        GridFormat.from_tokenizer(SplittingTokenizer(), "fake")
+def test_a_tokenizer_without_the_symbols_is_refused_in_one_line_naming_them():
+    with pytest.raises(FormatError, match=r"^models/spm: the tokenizer has no single token for '3', '7', 'O';"):
+        GridFormat.from_tokenizer(sentencepiece_tokenizer([*"01245689I"]), "models/spm")
 
 
 def parses_within(fmt: GridFormat, ids: list[int], max_side: int) -> bool:

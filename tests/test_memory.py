@@ -19,8 +19,7 @@ from kit.memory.estimates import (
 )
 from kit.memory.measure import PeakMemory, available_memory, resident_memory, steady_cpu_allocator
 
-SMOLLM2 = ModelDims(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, parameters=134_515_008,
-                    dtype_bytes=2)
+SMOLLM2 = ModelDims(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, dtype_bytes=2)
 LORA = 9_768_960  # rank-32 LoRA on all seven projections of SmolLM2-135M
 RESIDENT = 2 * GIB
 BATCH, LENGTH = 8, 384  # the real step: long enough for the scores to dominate, short enough to take seconds
@@ -46,12 +45,12 @@ def test_dims_from_an_hf_config_and_from_its_dict():
 
     config = LlamaConfig(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                          num_key_value_heads=3)
-    dims = ModelDims.from_config(config, 134_515_008, 2)
-    assert dims.attention_width == SMOLLM2.attention_width == 576 and dims.parameters == SMOLLM2.parameters
+    dims = ModelDims.from_config(config, 2)
+    assert dims.attention_width == SMOLLM2.attention_width == 576 and dims.dtype_bytes == 2
     assert (dims.layers, dims.hidden, dims.intermediate, dims.heads, dims.kv_heads) == (30, 576, 1536, 9, 3)
-    assert ModelDims.from_config(config.to_dict(), 134_515_008, 2).kv_width == 192
+    assert ModelDims.from_config(config.to_dict(), 2).kv_width == 192
     with pytest.raises(ValueError, match="intermediate_size"):
-        ModelDims.from_config({"num_hidden_layers": 2, "hidden_size": 8, "num_attention_heads": 2}, 1, 2)
+        ModelDims.from_config({"num_hidden_layers": 2, "hidden_size": 8, "num_attention_heads": 2}, 2)
 
 
 def test_only_eager_attention_holds_the_scores():
@@ -171,8 +170,7 @@ def tiny_lora_llama():
                            LoraConfig(task_type="CAUSAL_LM", **LoraSettings(rank=8, alpha=8).peft_config()))
     backend = PeftBackend(model, SimpleNamespace(pad_token_id=0, eos_token_id=1), torch.device("cpu"), dtype,
                           1024, seed=0)
-    parameters = sum(p.numel() for p in model.get_base_model().parameters())
-    dims = ModelDims.from_config(config, parameters, torch.finfo(dtype).bits // 8)
+    dims = ModelDims.from_config(config, torch.finfo(dtype).bits // 8)
     return backend, dims
 
 

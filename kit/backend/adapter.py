@@ -4,11 +4,28 @@ cannot be merged into (quantized weights) changes what the kit may do."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+from kit.config import ALL_LINEAR
+
+
+def target_names(model: torch.nn.Module, wanted: Sequence[str]) -> list[str]:
+    """The projection names LoRA adapts in `model` (before the adapter is attached): for ALL_LINEAR every linear
+    layer of the decoder blocks by its name (Llama's q/k/v/o/gate/up/down, Phi-3's fused qkv_proj and
+    gate_up_proj), else the names asked for, each of which must name one."""
+    present = sorted({name.rsplit(".", 1)[-1] for name, module in model.get_decoder().layers.named_modules()
+                      if isinstance(module, torch.nn.Linear)})
+    if tuple(wanted) == (ALL_LINEAR,):
+        return present
+    missing = [name for name in wanted if name not in present]
+    if missing:
+        raise ValueError(f"LoRA targets {missing} are not linear layers of {type(model).__name__}'s decoder "
+                         f"blocks, which has {present} (or use {ALL_LINEAR})")
+    return list(wanted)
 
 
 def lora_layers(model: torch.nn.Module) -> list[Any]:
@@ -16,6 +33,11 @@ def lora_layers(model: torch.nn.Module) -> list[Any]:
     from peft.tuners.lora import LoraLayer
 
     return [m for _, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def packed(layers: list[Any]) -> bool:
+    """Whether the adapted weights are packed (bitsandbytes' 4-bit: integer storage), which cannot be merged into."""
+    return any(not layer.get_base_layer().weight.dtype.is_floating_point for layer in layers)
 
 
 def lora_weights(layers: list[Any]) -> list[torch.nn.Parameter]:
@@ -42,7 +64,9 @@ def merged(model: torch.nn.Module, layers: list[Any]) -> Iterator[None]:
     """Inference through merged weights W + s*B*A instead of W plus the LoRA branch: one matmul per projection
     instead of three, a third of the kernels per decoding step. The merged weights are new tensors swapped in (an
     untrained adapter, B = 0, swaps nothing); the base's own tensors are put back on exit, untouched (merging in
-    place and subtracting afterwards would drift in bf16)."""
+    place and subtracting afterwards would drift in bf16). Packed weights are refused: their storage is not W."""
+    if packed(layers):
+        raise ValueError("the base's weights are packed (4-bit): inference runs through the LoRA branch")
     swapped = []
     try:
         with torch.no_grad():

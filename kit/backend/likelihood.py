@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from kit.backend.cache import Prefix, cache_rows, index_in, layer_keys_values
+from kit.backend.head import Head
+from kit.backend.masks import full_cache
 from kit.format import IGNORE
 
 Ids = Sequence[int] | torch.Tensor  # token ids: a list, or a 1-D LongTensor
@@ -26,7 +28,7 @@ Ids = Sequence[int] | torch.Tensor  # token ids: a list, or a 1-D LongTensor
 
 class Likelihoods:
     """Loss, prefill, score and the decoding step over the attributes `Backend` sets up (`_decoder`, `_head`,
-    `_pad_id`, `device`, `max_length`, the attention kernels) and its mode switches."""
+    `_windows`, `_pad_id`, `device`, `max_length`, the attention kernels) and its mode switches."""
 
     def loss(self, input_ids: torch.LongTensor, labels: torch.LongTensor, attention_mask: torch.Tensor,
              vocab: Ids | None = None) -> torch.Tensor:
@@ -50,8 +52,10 @@ class Likelihoods:
         ids, mask = self._pad(prompts)
         self._check_length(ids.shape[1])
         self._set_attention(self.attention_for(ids.shape[1]))
-        with self._autocast(), self._compiled_if(False):  # right padding: causality keeps pads out of real rows
-            out = self._decoder(input_ids=ids, use_cache=True)
+        # right padding: causality keeps pads out of real rows; sliding layers keep all their keys (masks.py)
+        cache = None if self._windows is None else full_cache()
+        with self._autocast(), self._compiled_if(False):
+            out = self._decoder(input_ids=ids, use_cache=True, past_key_values=cache)
         lengths = mask.sum(1)
         last_hidden = out.last_hidden_state[torch.arange(len(prompts), device=self.device), lengths - 1]
         cache = out.past_key_values
@@ -74,8 +78,9 @@ class Likelihoods:
         positions = lengths[:, None] + torch.arange(answer_ids.shape[1], device=self.device)
         self._set_attention(self.decode_attention)
         with self._autocast(), self._compiled_if(False):
-            hidden = self._decoder(input_ids=answer_ids, attention_mask=torch.cat([prefix.mask[rows], answer_mask], 1),
-                                   position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+            mask = self._attention_mask(torch.cat([prefix.mask[rows], answer_mask], 1), answer_ids.shape[1])
+            hidden = self._decoder(input_ids=answer_ids, attention_mask=mask, position_ids=positions,
+                                   past_key_values=cache, use_cache=True).last_hidden_state
         # answer token j is predicted by the hidden state before it: for j = 0, its prompt's last
         before = torch.cat([prefix.last_hidden[rows, None].to(hidden.dtype), hidden[:, :-1]], 1)
         keep = answer_mask.bool()
@@ -98,18 +103,17 @@ class Likelihoods:
              ) -> tuple[Any, torch.Tensor]:
         """One token per row on a KV cache (inside `decoding`): the grown cache and each row's new last hidden
         state. `mask` covers the cache and the new token, `positions` are the new token's."""
-        out = self._decoder(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True)
+        out = self._decoder(input_ids=tokens[:, None], attention_mask=self._attention_mask(mask, 1),
+                            position_ids=positions, past_key_values=cache, use_cache=True)
         return out.past_key_values, out.last_hidden_state[:, -1]
 
-    def head_rows(self, allowed: torch.Tensor) -> torch.Tensor:
+    def head_rows(self, allowed: torch.Tensor) -> Head:
         """The LM head restricted to `allowed` ids, for `logits` (gathered once per decoding, not per step)."""
-        return self._head[allowed]
+        return self._head.restricted(allowed)
 
-    def logits(self, hidden: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-        """LM head in fp32, outside autocast: exact enough to compare likelihoods across candidates."""
-        with torch.autocast(self.device.type, enabled=False):
-            return hidden.float() @ head.float().T
+    def logits(self, hidden: torch.Tensor, head: Head) -> torch.Tensor:
+        """The model's LM head (kit/backend/head.py) in fp32, outside autocast."""
+        return head(hidden)
 
     def vocab_ids(self, ids: Ids) -> torch.Tensor:
         """Token ids as a 1-D LongTensor on the model's device."""
@@ -138,8 +142,15 @@ class Likelihoods:
             logits = self.logits(hidden, self._head)
         else:
             allowed = self.vocab_ids(vocab)
-            logits, wanted = self.logits(hidden, self._head[allowed]), index_in(wanted, allowed)
+            logits, wanted = self.logits(hidden, self.head_rows(allowed)), index_in(wanted, allowed)
         return -F.cross_entropy(logits, wanted, reduction="none")
+
+    def _attention_mask(self, padding: torch.Tensor, queries: int) -> Any:
+        """What a pass on a cache attends with: the 2-D padding mask, or for sliding-window models the masks
+        that count positions in real tokens (kit/backend/masks.py)."""
+        if self._windows is None:
+            return padding
+        return self._windows.mask(padding, queries, self.dtype)
 
     def _check_length(self, length: int) -> int:
         if length > self.max_length:

@@ -3,7 +3,7 @@ interface the kit uses (adapter operations from kit/backend/adapter.py, likeliho
 loading in kit/backend/load.py). This module owns the rest of the model's state: which parameters train, the
 attention kernel by pass and length, gradient checkpointing, compilation of the training pass and the modes.
 
-Under bf16 autocast, PEFT's cast of each LoRA input to fp32 is switched off (autocast casts it straight back).
+Under bf16 or fp16 autocast, PEFT's cast of each LoRA input to fp32 is switched off (autocast casts it straight back).
 `compile_training` compiles each decoder layer once for the training pass (regional compilation: one graph serves
 all layers, all batch sizes from 2 and all lengths); scoring and decoding always run eagerly, since the KV cache
 would recompile a graph per step. On a CPU the attention kernel follows the length (`attention_for`).
@@ -19,13 +19,17 @@ import torch
 
 from kit import attention
 from kit.backend import adapter
+from kit.backend.head import Head, check
 from kit.backend.likelihood import Likelihoods
+from kit.backend.masks import Windows
 from kit.format import IGNORE
 
 # On a CPU, eager attention is the faster kernel for short passes and torch's flash kernel (sdpa, causal, no mask)
 # for long ones, where eager's batch x heads x length^2 fp32 scores swamp the memory traffic: SmolLM2-135M training
 # steps of 4 x 316 tokens took 2.9 s eager vs 3.3 s sdpa, 4 x 454 about even, 4 x 710 13-17 s eager vs 8-9 s sdpa.
 CPU_SDPA_FROM = 512  # tokens
+
+HALF = (torch.bfloat16, torch.float16)  # compute dtypes that run under autocast (the LoRA weights stay fp32)
 
 
 class Backend(Likelihoods):
@@ -51,7 +55,8 @@ class Backend(Likelihoods):
         self.sdpa_from = CPU_SDPA_FROM if cpu and getattr(base, "_supports_sdpa", False) else None
         self._set_attention(self.decode_attention)
         self._decoder = base.get_decoder()
-        self._head = base.get_output_embeddings().weight
+        self._head = Head.of(base)
+        self._windows = Windows.of(base)
         self._pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
         self._lora_layers = adapter.lora_layers(model)
         self._lora = adapter.lora_weights(self._lora_layers)
@@ -60,9 +65,10 @@ class Backend(Likelihoods):
         lora_ids = {id(p) for p in self._lora}
         for p in model.parameters():
             p.requires_grad_(id(p) in lora_ids)
-        if dtype == torch.bfloat16:  # autocast computes LoRA in bf16: PEFT's fp32 input cast is a wasted copy
+        if dtype in HALF:  # autocast computes LoRA in the half dtype: PEFT's fp32 input cast is a wasted copy
             for layer in self._lora_layers:
                 layer.cast_input_dtype_enabled = False
+        self.quantized = adapter.packed(self._lora_layers)  # 4-bit bases: no merge, inference on the branch
         self.compiled = False  # training runs through compiled decoder layers (`compile_training`)
         self.reset_lora(seed)
         self.eval()
@@ -80,11 +86,16 @@ class Backend(Likelihoods):
             yield
 
     def merged_weight_bytes(self) -> int:
-        """What `merged_adapter` adds at most (for the memory plan)."""
-        return adapter.merged_weight_bytes(self._lora_layers)
+        """What `merged_adapter` adds at most (for the memory plan; nothing where it cannot merge)."""
+        return 0 if self.quantized else adapter.merged_weight_bytes(self._lora_layers)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._lora)
+
+    def check_head(self, where: str) -> None:
+        """Refuse a model whose own logits the kit's LM head (kit/backend/head.py) does not reproduce."""
+        with self._autocast():  # as every pass runs: the LoRA branch takes half inputs only under autocast
+            check(self.model, self._decoder, self._head, where)
 
     # --- training ------------------------------------------------------------------------------------------
 
@@ -110,7 +121,7 @@ class Backend(Likelihoods):
             self.compiled = True
             self.train()
             for length in self._warmup_lengths():
-                ids = (torch.arange(2 * length) % self._head.shape[0]).reshape(2, length)
+                ids = (torch.arange(2 * length) % self._head.rows).reshape(2, length)
                 labels = ids.clone()
                 labels[:, : length // 2] = IGNORE
                 self.loss(ids, labels, torch.ones_like(ids)).backward()
@@ -146,7 +157,12 @@ class Backend(Likelihoods):
         return "sdpa" if length >= self.sdpa_from else "eager"
 
     def _autocast(self) -> AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype in HALF)
+
+    def loss_scaler(self) -> torch.amp.GradScaler:
+        """A fresh gradient scaler for one training run: active in fp16, whose range small gradients underflow
+        (a T4 has no bf16), a no-op otherwise. Shared by TTT and pretuning through `kit.ttt.train_step`."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
     def _set_attention(self, kernel: str) -> None:
         if self._base.config._attn_implementation != kernel:

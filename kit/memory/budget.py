@@ -37,8 +37,9 @@ class MemoryBudget:
         base = backend.model.get_base_model()
         self.backend = backend
         self.lora_parameters = sum(p.numel() for p in backend.trainable_parameters())
-        frozen = sum(p.numel() for p in base.parameters()) - self.lora_parameters
-        self.dims = ModelDims.from_config(base.config, frozen, backend.dtype.itemsize)
+        # The frozen weights are not estimated: they are in the resident memory measured before each task, as
+        # stored (bf16, fp32 or packed 4-bit), so the plan knows packed weights without a model of them.
+        self.dims = ModelDims.from_config(base.config, backend.dtype.itemsize)
         self.merged_bytes = backend.merged_weight_bytes()
         # Eager attention holds batch x heads x length^2 scores: decoding always (its kernel), training below
         # the backend's `sdpa_from` when it has one.
@@ -74,7 +75,7 @@ class MemoryBudget:
         if batch == 0:
             raise MemoryError(f"decoding {decode_length} tokens does not fit {format_size(self.budget)}")
         # Merged weights for inference (Backend.merged_adapter) only where their copy costs no decoding rows.
-        merge = config.infer.merge_adapter and batch == decoding_batch(
+        merge = config.infer.merge_adapter and not self.backend.quantized and batch == decoding_batch(
             plannable, resident + self.merged_bytes, self.dims, batch, decode_length, self.scores)
         decoding = resident + self.merged_bytes * merge + decoding_bytes(self.dims, batch, decode_length, self.scores)
         record = {"budget": self.budget, "resident": resident, "train_batch": ttt.batch_size,

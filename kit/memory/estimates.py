@@ -56,7 +56,6 @@ class ModelDims:
     intermediate: int
     heads: int
     kv_heads: int
-    parameters: int
     dtype_bytes: int  # bytes per element of the compute dtype (2 for bf16/fp16, 4 for fp32)
     head_dim: int = 0  # 0: hidden // heads (most models; some, like Qwen3 and Gemma, set their own)
 
@@ -70,13 +69,8 @@ class ModelDims:
         """Width of the keys (and of the values) that the KV cache stores per token and layer."""
         return self.kv_heads * (self.head_dim or self.hidden // self.heads)
 
-    @property
-    def weight_bytes(self) -> int:
-        """The frozen weights in the compute dtype: what the model will hold before anything runs."""
-        return self.parameters * self.dtype_bytes
-
     @classmethod
-    def from_config(cls, config: Any, parameters: int, dtype_bytes: int) -> ModelDims:
+    def from_config(cls, config: Any, dtype_bytes: int) -> ModelDims:
         """From a transformers config object (or its dict); multimodal configs use their text part."""
         if hasattr(config, "get_text_config"):
             config = config.get_text_config()
@@ -88,8 +82,8 @@ class ModelDims:
         heads = int(fields["num_attention_heads"])
         return cls(layers=int(fields["num_hidden_layers"]), hidden=int(fields["hidden_size"]),
                    intermediate=int(fields["intermediate_size"]), heads=heads,
-                   kv_heads=int(fields.get("num_key_value_heads") or heads), parameters=int(parameters),
-                   dtype_bytes=int(dtype_bytes), head_dim=int(fields.get("head_dim") or 0))
+                   kv_heads=int(fields.get("num_key_value_heads") or heads), dtype_bytes=int(dtype_bytes),
+                   head_dim=int(fields.get("head_dim") or 0))
 
 
 def uses_eager_attention(kernel: str | None) -> bool:
