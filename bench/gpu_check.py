@@ -15,11 +15,15 @@ caches), runs anywhere; exits 1 when a check fails.
    tokens/s and peak memory.
 
     python bench/gpu_check.py [--backend auto|unsloth|peft] [--model DIR] [--random-weights] [--challenges FILE]
-                              [--tasks N] [--steps N] [--augs N]
+                              [--tasks N] [--steps N] [--augs N] [--shape NAME] [--dtype D] [--load-in-4bit]
+                              [--families]
 
 `--random-weights`: the model's config and tokenizer with random weights, for a device the real weights cannot be
 carried to (speed and memory are the real model's; the solve numbers then say nothing about accuracy). Results of
-the runs so far: docs/results.md, "GPU".
+the runs so far: docs/results.md, "GPU". `--shape qwen2.5-1.5b` (or qwen3-4b): random weights of a size competitors
+bring, with the model's tokenizer; with `--dtype fp16` or `--load-in-4bit`, the half-precision and packed paths
+(a 4-bit base skips the merge check: it is never merged into). `--families` first runs the six-family backend
+tests and the precision tests on the device.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from ttt_throughput import synchronize  # noqa: E402
 
@@ -40,7 +45,7 @@ from kit.backend import Backend, load_backend  # noqa: E402
 from kit.backend.cache import index_in  # noqa: E402
 from kit.backend.head import Head  # noqa: E402
 from kit.backend.model import HALF  # noqa: E402
-from kit.config import InferSettings, RunConfig, TTTSettings  # noqa: E402
+from kit.config import DTYPES, InferSettings, RunConfig, TTTSettings  # noqa: E402
 from kit.decode import greedy  # noqa: E402
 from kit.format import GridFormat, task_tokens  # noqa: E402
 from kit.infer import inference_views, score_under_views, view_prompts  # noqa: E402
@@ -60,13 +65,34 @@ PREFIX_TOLERANCE = 1e-3  # nats: the same maths on the same prompt
 FULL_TOLERANCE = (0.05, 1e-2)  # nats + relative, against a full forward: another kernel path, in bf16
 
 
-def random_weights(model_dir: Path, into: Path) -> Path:
-    """`model_dir`'s config and tokenizer with seeded random weights, saved in `into`."""
+# Configs of the sizes competitors bring (transformers config class, its fields), for --shape: random weights of
+# that shape with the given model's tokenizer, so speed and memory are the real size's without its download.
+SHAPES = {
+    "qwen2.5-1.5b": ("Qwen2Config", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                                         rope_theta=1e6, tie_word_embeddings=True)),
+    "qwen3-4b": ("Qwen3Config", dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                     max_position_embeddings=40960, rope_theta=1e6, tie_word_embeddings=True)),
+}
+
+
+def random_weights(model_dir: Path, into: Path, shape: str | None = None) -> Path:
+    """`model_dir`'s tokenizer and its config (or the config of `shape`, SHAPES) with seeded random weights, saved
+    in `into`."""
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if shape is None:
+        config = AutoConfig.from_pretrained(model_dir)
+    else:
+        name, fields = SHAPES[shape]
+        config = getattr(transformers, name)(**fields, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16).save_pretrained(into)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(into)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(into)
+    tokenizer.save_pretrained(into)
     return into
 
 
@@ -140,6 +166,8 @@ def check_inference(backend: Backend, fmt: GridFormat, task: Task, views_count: 
     absolute, relative = FULL_TOLERANCE
     if not bool((full_diff <= absolute + relative * np.abs(full)).all()):
         failures.append(f"scores differ from full forwards by up to {full_diff.max():.3f} nats")
+    if backend.quantized:  # packed weights are never merged into: inference runs on the branch
+        return failures
     merged, base = tally(grids), tally(grids)
     with backend.merged_adapter():
         score_under_views(backend, fmt, merged, views, prompts, InferSettings())
@@ -160,11 +188,24 @@ def main() -> None:
     args.add_argument("--backend", default="auto", choices=("auto", "unsloth", "peft"))
     args.add_argument("--model", type=Path, help="model directory (default: the embedded default)")
     args.add_argument("--random-weights", action="store_true", help="the model's config with random weights")
+    args.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this size with the model's tokenizer")
+    args.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (kit's --dtype)")
+    args.add_argument("--load-in-4bit", action="store_true", help="4-bit frozen weights (kit's --load-in-4bit)")
+    args.add_argument("--families", action="store_true",
+                      help="first run tests/test_families.py and tests/test_precision.py on this device")
     args.add_argument("--challenges", type=Path, help="a challenges file instead of the bundled ARC-1 eval set")
     args.add_argument("--tasks", type=int, default=5, help="the N smallest tasks by token count")
     args.add_argument("--steps", type=int, default=20, help="TTT steps per task")
     args.add_argument("--augs", type=int, default=8, help="inference views")
     opts = args.parse_args()
+    if opts.families:
+        import pytest
+
+        code = pytest.main(["-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_families.py"),
+                            str(ROOT / "tests" / "test_precision.py")])
+        print(f"family and precision tests on this device: {'passed' if code == 0 else f'FAILED ({code})'}")
+        if code != 0:
+            sys.exit(1)
     with tempfile.TemporaryDirectory(prefix="random-weights-") as scratch:
         failures = run_checks(opts, Path(scratch))
     print("all checks passed" if not failures else "FAILED:\n  " + "\n  ".join(failures))
@@ -174,18 +215,19 @@ def main() -> None:
 def run_checks(opts: argparse.Namespace, scratch: Path) -> list[str]:
     """Checks 1-3 as the options say; returns the failures."""
     model_dir = opts.model or ensure_default_model()
-    if opts.random_weights:
-        model_dir = random_weights(model_dir, scratch)
+    if opts.random_weights or opts.shape:
+        model_dir = random_weights(model_dir, scratch, opts.shape)
     pool = load_challenges(opts.challenges) if opts.challenges else load_bundled("arc1-eval")
     tasks = sorted(pool.tasks, key=task_tokens)[:opts.tasks]
-    backend = load_backend(model_dir, opts.backend)
+    backend = load_backend(model_dir, opts.backend, dtype=opts.dtype, load_in_4bit=opts.load_in_4bit)
     fmt = GridFormat.from_tokenizer(backend.tokenizer)
     device = backend.device
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}", flush=True)
 
     failures = check_inference(backend, fmt, tasks[-1], opts.augs)
-    config = RunConfig(model=model_dir, backend=opts.backend, ttt=TTTSettings(steps=opts.steps, converged_window=0),
+    config = RunConfig(model=model_dir, backend=opts.backend, dtype=opts.dtype, load_in_4bit=opts.load_in_4bit,
+                       ttt=TTTSettings(steps=opts.steps, converged_window=0),
                        infer=InferSettings(augs=opts.augs))
     memory = MemoryBudget(backend, None, print)
     for task in tasks:

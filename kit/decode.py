@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,8 +26,9 @@ from kit.grids import MAX_SIDE
 
 if TYPE_CHECKING:
     from kit.backend import Backend
-    from kit.backend.head import Head
     from kit.backend.likelihood import Ids
+
+COMPACT_FROM = 64  # dead cache slots a DFS row may hold (and at least as many as its live ones) before compaction
 
 GiveUp = Callable[[np.ndarray], np.ndarray]  # each step's token of every row -> rows that can no longer be a grid
 
@@ -101,6 +102,25 @@ class _Node:
     greedy: bool
 
 
+@dataclass
+class _Search:
+    """One prompt's DFS: the nodes left to expand, the answers found, and the cache slot of each token of the path
+    it has fed so far (its prompt sits in slots 0..length-1)."""
+    row: int
+    length: int
+    budget: int
+    stack: list[_Node]
+    answers: list[Answer]
+    path: list[int]
+
+    def next_node(self, max_answers: int) -> _Node | None:
+        """The node to step next, None when the search is over (past `max_answers` only the greedy descent goes
+        on: its node is always on top, and its answer must be there)."""
+        if self.stack and (len(self.answers) < max_answers or self.stack[-1].greedy):
+            return self.stack.pop()
+        return None
+
+
 def dfs(backend: Backend, prefix: Prefix, fmt: GridFormat, threshold: float, max_new_tokens: int,
         max_answers: int, deadline: float | None = None, max_side: int = MAX_SIDE) -> list[list[Answer]]:
     """Per prefilled prompt, every answer over the grid vocabulary whose probability is at least `threshold`,
@@ -109,8 +129,11 @@ def dfs(backend: Backend, prefix: Prefix, fmt: GridFormat, threshold: float, max
 
     A path is extended only while its probability stays at or above the threshold (probabilities only fall
     along a path) and while it can still be a grid of at most `max_side` a side; one that reaches the token cap
-    without EOS is dropped. Each prompt runs alone on its own copy of the prompt's keys and values (one row a
-    step), cropped back on backtracking; the prefix stays intact, for scoring.
+    without EOS is dropped. The prompts search side by side, one node each per batched step on a copy of the
+    prompts' keys and values (the prefix stays intact, for scoring): a node's token goes into a new cache slot,
+    backtracking masks out the slots of the abandoned path, and the cache is compacted once such dead slots
+    outnumber the live ones. A prompt whose search is over leaves the batch; at the deadline all stop with what
+    they have.
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"DFS threshold {threshold} must be in (0, 1]")
@@ -118,60 +141,90 @@ def dfs(backend: Backend, prefix: Prefix, fmt: GridFormat, threshold: float, max
     vocab = allowed.cpu().numpy()
     head = backend.head_rows(allowed)
     floor = math.log(threshold)
-    results = []
+    zero = np.zeros(1, np.int64)
+    if deadline is not None and time.monotonic() >= deadline:
+        return [[] for _ in prefix.lengths]
+    searches = [_Search(row, int(length), min(max_new_tokens, backend.max_length - int(length)),
+                        [], [], []) for row, length in enumerate(prefix.lengths.tolist())]
+    active = list(searches)  # the batch's rows, in order
+    nodes = [_Node([], 0.0, (zero, zero, zero), True) for _ in active]  # each row's node to expand
+    cache, mask, hidden = cache_rows(prefix.keys_values, legacy=prefix.legacy), prefix.mask.clone(), prefix.last_hidden
     with backend.decoding():
-        for row in range(len(prefix.lengths)):
+        while active:
+            log_probs = torch.log_softmax(backend.logits(hidden, head), -1).double().cpu().numpy()
+            for search, node, row_log_probs in zip(active, nodes, log_probs):
+                _expand(search, node, row_log_probs, fmt, vocab, floor, max_side)
             if deadline is not None and time.monotonic() >= deadline:
-                results.append([])
-                continue
-            results.append(_search_row(backend, prefix, row, fmt, vocab, head, floor, max_new_tokens, max_answers,
-                                       deadline, max_side))
+                break
+            nodes = [search.next_node(max_answers) for search in active]
+            keep = [i for i, node in enumerate(nodes) if node is not None]
+            if len(keep) < len(active):  # finished searches leave the batch: the others' steps get cheaper
+                if not keep:
+                    break
+                index = torch.tensor(keep, device=backend.device)
+                cache = cache_rows(layer_keys_values(cache), index, prefix.legacy)
+                mask, active, nodes = mask[index], [active[i] for i in keep], [nodes[i] for i in keep]
+            for b, (search, node) in enumerate(zip(active, nodes)):  # back up to the node's parent
+                parent = len(node.tokens) - 1
+                mask[b, search.path[parent:]] = 0
+                del search.path[parent:]
+            if _dead_slots(mask) > max(COMPACT_FROM, int(mask.sum(1).max())):
+                cache, mask = _compacted(cache, mask, active, prefix.legacy)
+            slot = mask.shape[1]
+            mask = F.pad(mask, (0, 1), value=1)
+            tokens = torch.tensor([node.tokens[-1] for node in nodes], dtype=torch.long, device=backend.device)
+            positions = torch.tensor([[search.length + len(node.tokens) - 1] for search, node in zip(active, nodes)],
+                                     dtype=torch.long, device=backend.device)
+            cache, hidden = backend.step(tokens, mask, positions, cache)
+            for search in active:
+                search.path.append(slot)
+    results = []
+    for search in searches:
+        search.answers.sort(key=lambda a: not a.greedy)  # stable: the others stay in the order found
+        results.append(search.answers[:max_answers])
     return results
 
 
-def _search_row(backend: Backend, prefix: Prefix, row: int, fmt: GridFormat, vocab: np.ndarray, head: Head,
-                floor: float, max_new_tokens: int, max_answers: int, deadline: float | None, max_side: int
-                ) -> list[Answer]:
-    """The DFS of one prompt (see `dfs`)."""
-    length = int(prefix.lengths[row])
-    budget = min(max_new_tokens, backend.max_length - length)
-    keys_values = [(k[row:row + 1, :, :length], v[row:row + 1, :, :length]) for k, v in prefix.keys_values]
-    cache, fed = cache_rows(keys_values, legacy=prefix.legacy), 0  # the prompt plus `fed` tokens of the path
-    hidden = prefix.last_hidden[row:row + 1]
-    zero = np.zeros(1, np.int64)
-    stack = [_Node([], 0.0, (zero, zero, zero), True)]
-    answers: list[Answer] = []
-    # past `max_answers`, only the greedy descent goes on (its node is always on top): its answer must be there
-    while stack and (len(answers) < max_answers or stack[-1].greedy):
-        node = stack.pop()
-        if node.tokens:  # not the root: step the path's last token onto its parent's keys and values
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            parent = len(node.tokens) - 1
-            if fed > parent:
-                cache = cache_rows([(k[:, :, :length + parent], v[:, :, :length + parent])
-                                    for k, v in layer_keys_values(cache)], legacy=prefix.legacy)
-            mask = torch.ones((1, length + parent + 1), dtype=torch.long, device=backend.device)
-            positions = torch.full((1, 1), length + parent, dtype=torch.long, device=backend.device)
-            token = torch.tensor([node.tokens[-1]], dtype=torch.long, device=backend.device)
-            cache, hidden = backend.step(token, mask, positions, cache)
-            fed = parent + 1
-        log_probs = torch.log_softmax(backend.logits(hidden, head)[0], -1).double().cpu().numpy()
-        totals = node.log_prob + log_probs
-        width, line, lines, doomed = grid_step(fmt, max_side, *(np.repeat(s, len(vocab)) for s in node.state), vocab)
-        best = int(np.argmax(log_probs))
-        children = []
-        for i in np.argsort(log_probs, kind="stable"):  # least likely first: the most likely is popped first
-            i = int(i)
-            greedy = node.greedy and i == best
-            if doomed[i] or not (greedy or totals[i] >= floor):
-                continue
-            tokens = [*node.tokens, int(vocab[i])]
-            if vocab[i] == fmt.eos_id:
-                answers.append(Answer(np.array(tokens, np.int64), float(totals[i]), greedy))
-            elif len(tokens) < budget:
-                children.append(_Node(tokens, float(totals[i]), (width[i:i + 1], line[i:i + 1], lines[i:i + 1]),
-                                      greedy))
-        stack += children
-    answers.sort(key=lambda a: not a.greedy)  # stable: the others stay in the order found
-    return answers[:max_answers]
+def _expand(search: _Search, node: _Node, log_probs: np.ndarray, fmt: GridFormat, vocab: np.ndarray,
+            floor: float, max_side: int) -> None:
+    """The node's children above the floor that can still be a grid, pushed least likely first (so the most
+    likely is popped first); those that end in EOS are answers."""
+    totals = node.log_prob + log_probs
+    width, line, lines, doomed = grid_step(fmt, max_side, *(np.repeat(s, len(vocab)) for s in node.state), vocab)
+    best = int(np.argmax(log_probs))
+    children = []
+    for i in np.argsort(log_probs, kind="stable"):
+        i = int(i)
+        greedy = node.greedy and i == best
+        if doomed[i] or not (greedy or totals[i] >= floor):
+            continue
+        tokens = [*node.tokens, int(vocab[i])]
+        if vocab[i] == fmt.eos_id:
+            search.answers.append(Answer(np.array(tokens, np.int64), float(totals[i]), greedy))
+        elif len(tokens) < search.budget:
+            children.append(_Node(tokens, float(totals[i]), (width[i:i + 1], line[i:i + 1], lines[i:i + 1]), greedy))
+    search.stack += children
+
+
+def _dead_slots(mask: torch.Tensor) -> int:
+    """Cache slots the widest-waste row no longer attends to: padding and abandoned paths."""
+    return int((mask.shape[1] - mask.sum(1)).max())
+
+
+def _compacted(cache: Any, mask: torch.Tensor, active: list[_Search], legacy: bool) -> tuple[Any, torch.Tensor]:
+    """The cache with each row's live slots (its prompt, then its path) moved to the front, in order; the paths'
+    slots renumbered to match."""
+    live = [list(range(search.length)) + search.path for search in active]
+    width = max(map(len, live))
+    index = torch.zeros((len(live), width), dtype=torch.long, device=mask.device)
+    compact = torch.zeros((len(live), width), dtype=mask.dtype, device=mask.device)
+    for b, slots in enumerate(live):
+        index[b, :len(slots)] = torch.tensor(slots, dtype=torch.long)
+        compact[b, :len(slots)] = 1
+    gathered = []
+    for keys, values in layer_keys_values(cache):
+        at = index[:, None, :, None].expand(keys.shape[0], keys.shape[1], width, keys.shape[3])
+        gathered.append((keys.gather(2, at), values.gather(2, at)))
+    for search in active:
+        search.path = list(range(search.length, search.length + len(search.path)))
+    return cache_rows(gathered, legacy=legacy), compact

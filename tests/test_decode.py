@@ -127,6 +127,22 @@ def test_dfs_keeps_its_cap_with_the_greedy_answer_and_stops_at_its_deadline(back
     assert sum(map(len, late)) < 10_000
 
 
+def test_dfs_compacting_its_cache_at_every_step_finds_the_same_answers(backend, fmt, monkeypatch):
+    """Backtracking leaves dead slots in the batched cache; moving the live ones to the front must change nothing."""
+    import kit.decode
+
+    prefix = backend.prefill(prompts(fmt, 3))
+    lazy = dfs(backend, prefix, fmt, 1e-3, MAX_NEW, max_answers=100)
+    compactions, compacted = [], kit.decode._compacted
+    monkeypatch.setattr(kit.decode, "COMPACT_FROM", 0)
+    monkeypatch.setattr(kit.decode, "_compacted", lambda *a: compactions.append(1) or compacted(*a))
+    eager = dfs(backend, prefix, fmt, 1e-3, MAX_NEW, max_answers=100)
+    assert len(compactions) >= 3  # dead slots outnumbered the live ones several times
+    for row_lazy, row_eager in zip(lazy, eager):
+        assert [tuple(a.tokens) for a in row_lazy] == [tuple(a.tokens) for a in row_eager]
+        assert np.allclose([a.log_prob for a in row_lazy], [a.log_prob for a in row_eager], atol=1e-5)
+
+
 def test_scores_under_fresh_views_equal_a_full_forward_per_pair(backend, fmt):
     """predict with 3 decoding views and 7 score views: every candidate is scored under all 7 (4 of them fresh,
     with their own prompts), each score the log-probability a plain forward of prompt + answer gives."""
