@@ -69,15 +69,20 @@ class MemoryBudget:
             ttt = replace(ttt, batch_size=plan.batch_size,
                           max_length=plan.max_length if plan.max_length < longest else ttt.max_length)
             self.backend.set_checkpointing(plan.checkpointing)
-        decode_length = min(self.backend.max_length, max(
-            sequence_tokens(task.train, g) + answer_budget(plausible_side(task, g)) for g in task.test_inputs))
-        batch = decoding_batch(plannable, resident, self.dims, config.infer.batch_size, decode_length, self.scores)
+        answer = max(answer_budget(plausible_side(task, g)) for g in task.test_inputs)
+        decode_length = min(self.backend.max_length, max(sequence_tokens(task.train, g) for g in task.test_inputs)
+                            + answer)
+        # The prefill's kernel follows its length (Backend.attention_for); scoring's answer passes run the decoding
+        # kernel, over the whole cache.
+        shape = (decode_length, uses_eager_attention(self.backend.attention_for(decode_length)),
+                 answer if self.scores else 0)
+        batch = decoding_batch(plannable, resident, self.dims, config.infer.batch_size, *shape)
         if batch == 0:
             raise MemoryError(f"decoding {decode_length} tokens does not fit {format_size(self.budget)}")
         # Merged weights for inference (Backend.merged_adapter) only where their copy costs no decoding rows.
         merge = config.infer.merge_adapter and not self.backend.quantized and batch == decoding_batch(
-            plannable, resident + self.merged_bytes, self.dims, batch, decode_length, self.scores)
-        decoding = resident + self.merged_bytes * merge + decoding_bytes(self.dims, batch, decode_length, self.scores)
+            plannable, resident + self.merged_bytes, self.dims, batch, *shape)
+        decoding = resident + self.merged_bytes * merge + decoding_bytes(self.dims, batch, *shape)
         record = {"budget": self.budget, "resident": resident, "train_batch": ttt.batch_size,
                   "train_length": ttt.max_length or longest, "checkpointing": bool(plan and plan.checkpointing),
                   "decode_batch": batch, "merged": merge,

@@ -175,22 +175,27 @@ def training_bytes(dims: ModelDims, batch: int, length: int, checkpointing: bool
     return int(total * ESTIMATE_MARGIN)
 
 
-def decoding_bytes(dims: ModelDims, batch: int, length: int, attention_scores: bool = True) -> int:
+def decoding_bytes(dims: ModelDims, batch: int, length: int, attention_scores: bool = True,
+                   answer_tokens: int = 0) -> int:
     """Estimated peak memory that decoding and scoring `batch` sequences of `length` tokens add to the resident
     model; no grad, so one layer's activations at a time.
 
     The KV cache of every layer twice (the prompts' prefill, kept for scoring, and the decoding cache that copies
-    it and grows a token per step; scoring's caches gathered from the prefill are no larger), the 4D attention
-    mask, and the prefill's busiest layer: its hidden and MLP activations and, with eager attention, per score
-    the masked scores, their fp32 copy and the fp32 softmax output (about 10.8 bytes per score were measured).
+    it and grows a token per step; scoring's caches gathered from the prefill are no larger), and the prefill's
+    busiest layer: its hidden and MLP activations and, where the prefill runs eager attention
+    (`attention_scores`), its 4D mask and per score the masked scores, their fp32 copy and the fp32 softmax
+    output (about 10.8 bytes per score were measured). A prefill on a flash kernel holds none of that, but the
+    scoring passes after it still run eager over the cache: `answer_tokens` queries a row against `length` keys,
+    scores and mask alike (0: scoring holds no scores either).
     """
     if batch < 1 or length < 1:
         raise ValueError(f"batch {batch} and length {length} must be positive")
     d, tokens = dims.dtype_bytes, batch * length
     kv = 2 * (2 * dims.layers * tokens * dims.kv_width * d)
     per_token = FP32 * dims.hidden + d * (2 * dims.hidden + 2 * dims.attention_width + 3 * dims.intermediate)
-    scores = _scores(dims, batch, length, attention_scores) * (2 * FP32 + d)
-    mask = batch * length * length * d
+    queries = length if attention_scores else min(answer_tokens, length)
+    scores = batch * dims.heads * queries * length * (2 * FP32 + d)
+    mask = batch * queries * length * d
     return int((kv + tokens * per_token + scores + mask + DECODE_OVERHEAD) * ESTIMATE_MARGIN)
 
 
@@ -247,10 +252,10 @@ def _halvings(start: int, floor: int) -> list[int]:
 
 
 def decoding_batch(budget: int, resident: int, dims: ModelDims, batch_size: int, length: int,
-                   attention_scores: bool = True) -> int:
+                   attention_scores: bool = True, answer_tokens: int = 0) -> int:
     """The largest batch up to `batch_size` whose decoding and scoring of `length`-token sequences fits the
-    budget; 0 if even one sequence does not."""
+    budget (`decoding_bytes`); 0 if even one sequence does not."""
     for batch in range(batch_size, 0, -1):
-        if resident + decoding_bytes(dims, batch, length, attention_scores) <= budget:
+        if resident + decoding_bytes(dims, batch, length, attention_scores, answer_tokens) <= budget:
             return batch
     return 0
