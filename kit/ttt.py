@@ -21,6 +21,7 @@ import torch
 from kit.augment import leave_one_out
 from kit.config import TTTSettings
 from kit.format import IGNORE, GridFormat, demos_that_fit, grid_tokens
+from kit.memory.measure import heap_follows_tensors
 from kit.tasks import Task
 
 if TYPE_CHECKING:  # the backend imports torch and transformers; only its type is needed here
@@ -94,7 +95,8 @@ def train_task(backend: Backend, fmt: GridFormat, task: Task, settings: TTTSetti
 
 def train_on_batches(backend: Backend, fmt: GridFormat, batches: list[list[Sequence]], settings: TTTSettings,
         deadline: float | None, result: TTTResult) -> None:
-    """The training loop proper: AdamW, linear warm-up then decay, gradient clipping; records into `result`."""
+    """The training loop proper: AdamW, linear warm-up then decay, gradient clipping; records into `result`.
+    Checkpointed on a CPU, under the steady allocator (`heap_follows_tensors`), which the memory plan assumes."""
     optimizer = adamw(backend.trainable_parameters(), settings.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=settings.warmup_steps,
                                                                     total=len(batches)))
@@ -102,19 +104,20 @@ def train_on_batches(backend: Backend, fmt: GridFormat, batches: list[list[Seque
     scaler = backend.loss_scaler()
     backend.train()
     step_seconds = 0.0  # the last step's duration: a step that would end past the deadline is not started
-    for batch in batches:
-        started = time.monotonic()
-        if deadline is not None and started + step_seconds >= deadline:
-            result.stopped = "deadline"
-            break
-        loss, tokens = train_step(backend, batch, fmt.eos_id, vocab, optimizer, schedule, scaler)
-        result.steps += 1
-        result.losses.append(loss)
-        result.tokens += tokens
-        step_seconds = time.monotonic() - started
-        if converged(result.losses, settings):
-            result.stopped = "converged"
-            break
+    with heap_follows_tensors(backend.device.type == "cpu" and backend.checkpointing):
+        for batch in batches:
+            started = time.monotonic()
+            if deadline is not None and started + step_seconds >= deadline:
+                result.stopped = "deadline"
+                break
+            loss, tokens = train_step(backend, batch, fmt.eos_id, vocab, optimizer, schedule, scaler)
+            result.steps += 1
+            result.losses.append(loss)
+            result.tokens += tokens
+            step_seconds = time.monotonic() - started
+            if converged(result.losses, settings):
+                result.stopped = "converged"
+                break
     backend.eval()
 
 

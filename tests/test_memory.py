@@ -144,11 +144,12 @@ def test_cpu_memory_readings_are_consistent():
 def test_peak_memory_sees_a_short_lived_allocation():
     import gc
 
-    gc.collect()  # garbage of earlier tests freed inside the block would lower the peak below entry + 256 MiB
+    gc.collect()  # garbage of earlier tests freed inside the block would lower the peak below entry + 1 GiB
     with PeakMemory("cpu") as peak:
-        block = np.ones(256 * MIB // 8)
+        block = np.ones(1024 * MIB // 8)
         del block
-    assert peak.reset and peak.added >= 250 * MIB
+    # Not all of it: the resident set also loses pages meanwhile (reclaimed file-backed ones: 50 MB seen on CI).
+    assert peak.reset and peak.added >= 896 * MIB
     with PeakMemory("cpu") as quiet:  # the peak was reset: the previous allocation is forgotten
         pass
     assert quiet.added < 64 * MIB

@@ -99,10 +99,15 @@ class Backend(Likelihoods):
 
     # --- training ------------------------------------------------------------------------------------------
 
+    @property
+    def checkpointing(self) -> bool:
+        """Whether the decoder layers recompute their activations (transformers' checkpointing)."""
+        return bool(getattr(self._base, "is_gradient_checkpointing", False))
+
     def set_checkpointing(self, on: bool) -> None:
         """Gradient checkpointing of the decoder layers: recompute activations in the backward pass instead of
         keeping them (the memory plan turns it on when a task's batch would not fit otherwise)."""
-        if on == bool(getattr(self._base, "is_gradient_checkpointing", False)):
+        if on == self.checkpointing:
             return
         if on:
             self._base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

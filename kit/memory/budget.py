@@ -23,9 +23,10 @@ from kit.tasks import Task
 
 # On a CPU glibc's heap keeps freed activations between live ones, so the resident set grows above the estimates
 # (kit/memory/estimates.py) of what a task adds: measured with the default model 1.18x (d5c634a2, 4x710 tokens, no
-# checkpointing), 2.0x (the same, checkpointed), up to 2.6x in the estimates' own measurements. Plans on a CPU leave
-# that room. `steady_cpu_allocator` (kit/memory/measure.py) would make the estimates upper bounds but doubled a
-# task's time (bench/cpu_allocator.py), so workers instead trim the heap before each task (`trim_cpu_heap`).
+# checkpointing, bf16), up to 2.6x in the estimates' own measurements. Plans on a CPU leave that room. Checkpointed
+# training grew far more (4.3x at 2x710 in fp32: the recomputed activations), so it runs under the steady allocator
+# (`heap_follows_tensors`, kit/memory/measure.py: 0.81x); the whole task under it would cost twice the time
+# (bench/cpu_allocator.py), so workers otherwise trim the heap before each task (`trim_cpu_heap`).
 CPU_HEAP_SLACK = 2.6
 
 
