@@ -81,14 +81,13 @@ def heap_follows_tensors(on: bool) -> Iterator[None]:
     2 steps, SmolLM2-135M) 316 MiB added against an estimate of 388 MiB, 1696 MiB with the default, at
     1.16x the step time (55.4 s against 47.9 s). The whole task under it cost 1.97x (bench/cpu_allocator.py),
     so it is scoped to that training. `on` False, or no glibc: nothing changes."""
-    if not (on and steady_cpu_allocator(MIB)):
-        yield
-        return
+    steady = on and steady_cpu_allocator(MIB)
     try:
         yield
     finally:
-        steady_cpu_allocator(GLIBC_MMAP_THRESHOLD_MAX)
-        trim_cpu_heap()
+        if steady:
+            steady_cpu_allocator(GLIBC_MMAP_THRESHOLD_MAX)
+            trim_cpu_heap()
 
 
 def trim_cpu_heap() -> bool:
