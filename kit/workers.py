@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -156,13 +157,13 @@ def visible_gpus() -> int:
 
 def _worker_main(index: int, gpu: int | None, threads: int, config: RunConfig, make_worker: WorkerFactory,
                  jobs: mp.Queue, results: mp.Queue) -> None:
-    """A worker process: pin its GPU (before torch is imported) or its CPU threads, load the model, serve the
-    jobs of its own queue until it receives None."""
+    """A worker process: pin its GPU and its CPU threads (before torch is imported: a stand-in worker never
+    imports it), load the model, serve the jobs of its own queue until it receives None."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    import torch
-
-    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads, read as it is imported
+    if "torch" in sys.modules:  # imported already (by the parent's main module, re-run by spawn): too late for it
+        sys.modules["torch"].set_num_threads(threads)
 
     def log(message: str) -> None:
         results.put(("log", index, f"[worker {index}] {message}"))

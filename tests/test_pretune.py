@@ -1,5 +1,6 @@
-"""Pretuning: evaluation tasks never reach it (by id, whatever the source), and a run killed after a checkpoint
-resumes to the very adapter an uninterrupted run makes (the real default model on real training tasks)."""
+"""Pretuning: evaluation tasks never reach it (by id, whatever the source), a run killed after a checkpoint
+resumes to the very adapter an uninterrupted run makes (a tiny model on real training tasks), and the real
+default model pretunes and saves its adapter."""
 from __future__ import annotations
 
 import json
@@ -26,7 +27,8 @@ def test_evaluation_tasks_never_reach_pretuning_whatever_the_source(tmp_path):
     assert not {t.id for t in train + held} & forbidden
     arc1_train = {t.id for t in load_bundled("arc1-train").tasks}
     assert len(held) == 10 and {t.id for t in held} <= arc1_train and not {t.id for t in train} & {t.id for t in held}
-    assert [t.id for t in training_tasks(settings, lambda _: None)[1]] == [t.id for t in held]  # a fixed choice
+    alone = replace(settings, sets=["arc1-train"], extra=[])  # a fixed choice, whatever the other sets
+    assert [t.id for t in training_tasks(alone, lambda _: None)[1]] == [t.id for t in held]
 
 
 def test_the_cli_refuses_an_evaluation_set(capsys):
@@ -35,12 +37,11 @@ def test_the_cli_refuses_an_evaluation_set(capsys):
     assert "evaluation sets are never used" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_a_pretune_killed_after_a_checkpoint_resumes_to_the_same_adapter(tmp_path, monkeypatch):
+def test_a_pretune_killed_after_a_checkpoint_resumes_to_the_same_adapter(tmp_path, monkeypatch, tiny_model_dir):
     from safetensors.torch import load_file
 
-    settings = PretuneSettings(sets=["arc1-train"], steps=4, batch_size=2, max_length=320, hold_out=2,
-                               eval_every=2, save_every=2, backend="peft", warmup_steps=1)
+    settings = PretuneSettings(base=tiny_model_dir, sets=["arc1-train"], steps=4, batch_size=2, max_length=320,
+                               hold_out=2, eval_every=2, save_every=2, backend="peft", warmup_steps=1)
     straight = pretune(replace(settings, out=tmp_path / "straight"), log=lambda _: None)
 
     real_step = kit.pretune.train_step
@@ -66,6 +67,24 @@ def test_a_pretune_killed_after_a_checkpoint_resumes_to_the_same_adapter(tmp_pat
         assert (a[name] - b[name]).abs().max() < 1e-6, name
     summary = json.loads((tmp_path / "resumed" / "pretune.json").read_text())
     assert [s for s, _ in summary["held_out_loss"]] == [0, 2, 4] and summary["evaluation_tasks_dropped"] == 0
+
+
+@pytest.mark.slow
+def test_the_default_model_pretunes_and_saves_an_adapter_of_its_rank(tmp_path):
+    from safetensors.torch import load_file
+
+    from kit.weights import ensure_default_model
+
+    settings = PretuneSettings(out=tmp_path / "run", sets=["arc1-train"], steps=2, batch_size=1, max_length=256,
+                               hold_out=1, eval_every=2, save_every=2, lora_rank=8, backend="peft", warmup_steps=1)
+    adapter = pretune(settings, log=lambda _: None)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    down = [w for name, w in weights.items() if name.endswith("lora_A.weight")]
+    assert down and all(w.shape[0] == 8 for w in down)
+    summary = json.loads((tmp_path / "run" / "pretune.json").read_text())
+    assert summary["model"] == str(ensure_default_model()) and summary["training_tokens"] > 0
+    assert [s for s, _ in summary["held_out_loss"]] == [0, 2]
+    assert all(0 < loss < 20 for _, loss in summary["held_out_loss"])
 
 
 def test_resume_takes_a_whole_staging_checkpoint_when_a_kill_fell_between_remove_and_rename(tmp_path):

@@ -1,5 +1,5 @@
-"""The dry-run report: its parts on a hand-made run of real ARC tasks (fast), and the page of a real small run
-with the real default model, opened in headless Chromium."""
+"""The dry-run report: its parts on a hand-made run of real ARC tasks (fast), that page opened in headless
+Chromium (its filters by status), and `--report` after a real small run."""
 import json
 import re
 import shutil
@@ -100,17 +100,23 @@ def test_cli_writes_the_report(hand_made_run, capsys):
     assert write_report(hand_made_run) == hand_made_run / "submission.report.html"
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium)")
-@pytest.mark.slow
-def test_report_of_a_real_run_in_headless_chromium(tmp_path):
-    from playwright.sync_api import sync_playwright
-
+def test_a_run_with_report_writes_its_page(tmp_path, tiny_model_dir):
+    """`--report` after a real run (a tiny packed model: the page's subject is the run's files, not accuracy)."""
     assert build_submission(["--dataset", "arc1-eval", "--tasks", SOLVED, UNSOLVED, "--steps", "4", "--augs", "2",
+                             "--model", str(tiny_model_dir), "--backend", "peft",
                              "--out", str(tmp_path / "submission.json"), "--report"]) == 0
-    report = tmp_path / "submission.report.html"  # written by --report
     data = load_run(tmp_path)
     assert data.summary["status"] == "finished" and len(data.records) == 2
-    unsolved = sum(c.status == "unsolved" for c in data.cards)
+    page = (tmp_path / "submission.report.html").read_text()  # written by --report
+    assert card_count(page) == 2 and "test outputs solved" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium)")
+@pytest.mark.slow
+def test_the_page_in_headless_chromium_shows_the_run_and_filters_by_status(hand_made_run):
+    from playwright.sync_api import sync_playwright
+
+    report = write_report(hand_made_run)
     errors = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM)
@@ -119,14 +125,15 @@ def test_report_of_a_real_run_in_headless_chromium(tmp_path):
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(report.as_uri())
         assert "test outputs solved" in page.locator(".score").inner_text()
-        assert page.locator(".card").count() == 2 and page.locator(".card img").count() == 2
+        assert page.locator(".card").count() == 3 and page.locator(".card img").count() == 3
         assert page.locator("img.plot").count() == 2
         assert page.evaluate("[...document.querySelectorAll('img.plot')].every(i => i.naturalWidth > 0)")
-        page.click("label[for=show-unsolved]")
-        assert page.locator(".card:visible").count() == unsolved
+        for status, task in (("solved", SOLVED), ("unsolved", UNSOLVED), ("fallback", FALLBACK)):
+            page.click(f"label[for=show-{status}]")
+            assert page.locator(".card:visible").count() == 1 and task in page.locator(".card:visible").inner_text()
         page.click("label[for=show-all]")
-        assert page.locator(".card:visible").count() == 2
-        page.screenshot(path=tmp_path / "report.png", full_page=True)
+        assert page.locator(".card:visible").count() == 3
+        page.screenshot(path=hand_made_run / "report.png", full_page=True)
         browser.close()
     assert errors == []
-    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert (hand_made_run / "report.png").stat().st_size > 10_000

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import pack_tiny, tiny_base
 
 from kit.format import GridFormat
 from kit.weights import (
@@ -27,19 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 offline_environment()
 torch = pytest.importorskip("torch")
-
-
-def tiny_base(path: Path, tokenizer, tied: bool) -> Path:
-    """A 2-layer random Llama over the real SmolLM2 vocabulary, saved with the real tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def random_adapter(base: Path, path: Path) -> Path:
@@ -122,8 +110,8 @@ def test_a_shrunk_vocabulary_scores_the_format_tokens_as_the_full_one(tmp_path, 
 
 @pytest.fixture
 def packed_tiny(tmp_path, smollm2_tokenizer) -> Path:
-    model, tokenizer, described = load_base(tiny_base(tmp_path / "base", smollm2_tokenizer, tied=True))
-    return save_packed(model, tokenizer, tmp_path / "packed", {"base": described, "adapter": None}, shrink=True)
+    """A packed tiny model of the test's own, to corrupt."""
+    return pack_tiny(tmp_path / "packed", smollm2_tokenizer)
 
 
 def test_the_manifest_refuses_a_corrupt_file_naming_it(packed_tiny):
@@ -172,24 +160,24 @@ def test_the_cli_stops_with_one_line_on_a_corrupt_model(packed_tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_kit_pack_of_the_default_model_with_a_shrunk_vocabulary_runs_a_real_task(tmp_path):
+def test_kit_pack_of_the_default_model_with_a_shrunk_vocabulary_runs_a_real_task(tmp_path, capsys):
     """The embedded default packed again by `kit.pack --shrink-vocab`, then a dry run on it and one on the default:
     the 16-token model runs and learns and answers as the full-vocabulary one does on the same seed (the kit
-    restricts the loss and decoding to the grid tokens, so the other rows change nothing)."""
+    restricts the loss and decoding to the grid tokens, so the other rows change nothing). In this process, as
+    the commands' own `main`s: their subprocess paths have tests of their own."""
+    from build_submission import main as build_submission
+    from kit.pack import main as pack
+
     default = ensure_default_model()
-    done = subprocess.run([sys.executable, "-m", "kit.pack", "--name", "smollm2-16", "--base", str(default),
-                           "--shrink-vocab", "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr
+    assert pack(["--name", "smollm2-16", "--base", str(default), "--shrink-vocab", "--out-dir", str(tmp_path)]) == 0
     runs = {}
     for name, model in (("shrunk", tmp_path / "smollm2-16"), ("full", default)):
         out = tmp_path / name / "submission.json"
-        done = subprocess.run([sys.executable, "build_submission.py", "--dataset", "arc1-eval", "--tasks", "66e6c45b",
-                               "--model", str(model), "--steps", "4", "--augs", "2", "--backend", "peft",
-                               "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr
+        capsys.readouterr()
+        assert build_submission(["--dataset", "arc1-eval", "--tasks", "66e6c45b", "--model", str(model),
+                                 "--steps", "4", "--augs", "1", "--backend", "peft", "--out", str(out)]) == 0
         [record] = [json.loads(line) for line in out.with_name("submission.log.jsonl").read_text().splitlines()]
-        runs[name] = check_model_dir(model)["vocab_size"], done.stdout, json.loads(out.read_text()), record
+        runs[name] = check_model_dir(model)["vocab_size"], capsys.readouterr().out, json.loads(out.read_text()), record
     (shrunk_size, shrunk_out, shrunk, shrunk_record), (full_size, full_out, full, full_record) = runs.values()
     assert shrunk_size == 16 and full_size > 40_000
     assert "vocabulary shrunk to 16 tokens" in shrunk_out and "vocabulary shrunk" not in full_out
