@@ -3,15 +3,21 @@
 setting then runs on that same adapter, so the table compares them on equal training, in one run.
 
     python bench/selection.py [--tasks N] [--steps N] [--augs N] [--thresholds P ...] [--score-views N]
+                              [--results FILE]
 
 Per setting: oracle (share of test outputs whose right answer is among the candidates), two-attempt accuracy
 under each ranking rule of kit/vote.py, candidates per test input, and seconds per task (TTT + that setting's
 inference). Settings: greedy against DFS at each threshold, scored under the decoding views only or under
 --score-views views (fresh ones added), for TTT loss on the query output and on every output.
+
+All 40 tasks take hours on a CPU: each finished task's figures are added to --results (JSON lines, rewritten
+atomically), and a rerun with the same settings skips the tasks already there, so the measurement can be spread
+over several sessions; the table is always of every task in the file.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from contextlib import nullcontext
@@ -23,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kit.atomic import write_text_atomic  # noqa: E402
 from kit.augment import task_rng, task_seed  # noqa: E402
 from kit.config import InferSettings, RunConfig, TTTSettings  # noqa: E402
 from kit.format import task_tokens  # noqa: E402
@@ -43,6 +50,15 @@ class Tally:
     solved: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RANK_BY, 0))
     candidates: int = 0
     seconds: list[float] = field(default_factory=list)
+
+    def add(self, figures: dict) -> None:
+        """Add one task's figures of this setting (as `task_figures` makes them)."""
+        self.outputs += figures["outputs"]
+        self.oracle += figures["oracle"]
+        self.candidates += figures["candidates"]
+        self.seconds.append(figures["seconds"])
+        for rule in RANK_BY:
+            self.solved[rule] += figures["solved"][rule]
 
     def row(self, name: str) -> str:
         n = max(self.outputs, 1)
@@ -67,6 +83,62 @@ def searches(thresholds: list[float], score_views: int, augs: int) -> dict[str, 
     return settings
 
 
+def read_results(path: Path, bench_args: dict) -> list[dict]:
+    """The finished tasks in `path` (none if it does not exist), refused where they were measured otherwise."""
+    if not path.is_file():
+        return []
+    done = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"{path}: line {n} is not JSON ({error}); move the file away to start anew")
+        if entry.get("args") != bench_args:
+            raise SystemExit(f"{path}: line {n} ({entry.get('task')}) was measured with {entry.get('args')}, "
+                             f"not {bench_args}; give another --results file")
+        done.append(entry)
+    return done
+
+
+def task_figures(worker: Worker, config: RunConfig, task, loss: str, settings: dict[str, InferSettings]) -> dict:
+    """One task's figures under every setting, on one adapter trained with TTT loss on `loss`."""
+    run = replace(config, ttt=replace(config.ttt, loss_on=loss))
+    run, _ = worker.memory.plan_task(task, run)
+    ttt = train_task(worker.backend, worker.fmt, task, run.ttt, task_rng(run.seed, task.id, "ttt"),
+                     task_seed(run.seed, task.id))
+    figures = {}
+    for name, infer in settings.items():
+        infer = replace(infer, batch_size=run.infer.batch_size, merge_adapter=run.infer.merge_adapter)
+        rng, start = task_rng(run.seed, task.id, "infer"), time.monotonic()
+        row = {"outputs": 0, "oracle": 0, "candidates": 0, "solved": dict.fromkeys(RANK_BY, 0)}
+        with worker.backend.merged_adapter() if infer.merge_adapter else nullcontext():
+            for test_input, truth in zip(task.test_inputs, task.test_outputs):
+                candidates = predict(worker.backend, worker.fmt, task, test_input, infer, rng)
+                row["outputs"] += 1
+                row["candidates"] += len(candidates)
+                row["oracle"] += any(np.array_equal(c.grid, truth) for c in candidates)
+                for rule in RANK_BY:
+                    attempts = two_attempts(rank(candidates, rule), test_input)
+                    row["solved"][rule] += any(np.array_equal(a, truth) for a in attempts)
+        figures[f"{loss}, {name}"] = row | {"seconds": round(ttt.seconds + time.monotonic() - start, 2)}
+    return figures
+
+
+def print_table(entries: list[dict], names: list[str], bench_args: dict) -> None:
+    tallies = {name: Tally() for name in names}
+    for entry in entries:
+        for name, figures in entry["figures"].items():
+            tallies[name].add(figures)
+    print(f"\n{len(entries)} held-out ARC-AGI-1 training tasks ({' '.join(e['task'] for e in entries)}), "
+          f"{bench_args['steps']} TTT steps, {bench_args['augs']} decoding views")
+    print("| TTT loss, search, scoring | oracle | " + " | ".join(f"two attempts ({r})" for r in RANK_BY)
+          + " | candidates per test input | seconds per task |")
+    print("|---|---|" + "---|" * len(RANK_BY) + "---|---|")
+    for name, tally in tallies.items():
+        print(tally.row(name))
+    sys.stdout.flush()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=40, help="the N smallest of the 40 held-out tasks")
@@ -75,42 +147,31 @@ def main() -> None:
     parser.add_argument("--thresholds", type=float, nargs="*", default=[0.1, 0.2])
     parser.add_argument("--score-views", type=int, default=16)
     parser.add_argument("--loss-on", nargs="*", default=["query", "outputs"])
+    parser.add_argument("--results", type=Path, default=ROOT / "runs" / "selection.jsonl", metavar="FILE",
+                        help="finished tasks' figures, kept across runs (default: runs/selection.jsonl)")
     args = parser.parse_args()
-    tasks = held_out_tasks(args.tasks)
+    bench_args = {"steps": args.steps, "augs": args.augs, "thresholds": args.thresholds,
+                  "score_views": args.score_views, "loss_on": args.loss_on}
+    entries = read_results(args.results, bench_args)
+    settings = searches(args.thresholds, args.score_views, args.augs)
+    names = [f"{loss}, {name}" for loss in args.loss_on for name in settings]
+    done = {e["task"] for e in entries}
+    tasks = [t for t in held_out_tasks(args.tasks) if t.id not in done]
+    if entries:
+        print(f"{args.results}: {len(entries)} tasks measured before, {len(tasks)} to go")
+        print_table(entries, names, bench_args)
+    if not tasks:
+        return
     config = RunConfig(model=ensure_default_model(lambda _: None), backend="peft", compile="off",
                        ttt=TTTSettings(steps=args.steps))
     worker = Worker(config, log=lambda _: None)
-    settings = searches(args.thresholds, args.score_views, args.augs)
-    tallies = {(loss, name): Tally() for loss in args.loss_on for name in settings}
-    for n, task in enumerate(tasks, 1):
+    for task in tasks:
+        figures = {}
         for loss in args.loss_on:
-            run = replace(config, ttt=replace(config.ttt, loss_on=loss))
-            run, _ = worker.memory.plan_task(task, run)
-            ttt = train_task(worker.backend, worker.fmt, task, run.ttt, task_rng(run.seed, task.id, "ttt"),
-                             task_seed(run.seed, task.id))
-            for name, infer in settings.items():
-                infer = replace(infer, batch_size=run.infer.batch_size, merge_adapter=run.infer.merge_adapter)
-                rng, start = task_rng(run.seed, task.id, "infer"), time.monotonic()
-                tally = tallies[loss, name]
-                with worker.backend.merged_adapter() if infer.merge_adapter else nullcontext():
-                    for test_input, truth in zip(task.test_inputs, task.test_outputs):
-                        candidates = predict(worker.backend, worker.fmt, task, test_input, infer, rng)
-                        tally.outputs += 1
-                        tally.candidates += len(candidates)
-                        tally.oracle += any(np.array_equal(c.grid, truth) for c in candidates)
-                        for rule in RANK_BY:
-                            attempts = two_attempts(rank(candidates, rule), test_input)
-                            tally.solved[rule] += any(np.array_equal(a, truth) for a in attempts)
-                tally.seconds.append(ttt.seconds + time.monotonic() - start)
-        # the table so far after every task: a long run that is stopped still says what it measured
-        print(f"\n{n} of {len(tasks)} held-out ARC-AGI-1 training tasks ({' '.join(t.id for t in tasks[:n])}), "
-              f"{args.steps} TTT steps, {args.augs} decoding views")
-        print("| TTT loss, search, scoring | oracle | " + " | ".join(f"two attempts ({r})" for r in RANK_BY)
-              + " | candidates per test input | seconds per task |")
-        print("|---|---|" + "---|" * len(RANK_BY) + "---|---|")
-        for (loss, name), tally in tallies.items():
-            print(tally.row(f"{loss}, {name}"))
-        sys.stdout.flush()
+            figures |= task_figures(worker, config, task, loss, settings)
+        entries.append({"task": task.id, "args": bench_args, "figures": figures})
+        write_text_atomic(args.results, "".join(json.dumps(e) + "\n" for e in entries))
+        print_table(entries, names, bench_args)  # after every task: a run that is stopped still says what it did
 
 
 if __name__ == "__main__":
