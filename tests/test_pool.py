@@ -64,8 +64,8 @@ def at_baseline(submission: dict, task) -> bool:
 
 
 def test_a_worker_that_sleeps_forever_is_killed_and_the_run_ends_inside_its_budget(tmp_path, tasks):
-    taken, records, submission = run_with(tmp_path, tasks, {IDS[0]: "sleep"}, budget=16.0)
-    assert taken < 16.0
+    taken, records, submission = run_with(tmp_path, tasks, {IDS[0]: "sleep"}, budget=10.0)  # killed at 8 s
+    assert taken < 10.0
     assert "killed past the task's hard deadline" in records[IDS[0]].error and at_baseline(submission,
                                                                                            tasks.tasks[0])
     assert all(answered(submission, t) for t in tasks.tasks[1:])  # the other worker (and the replacement) went on
