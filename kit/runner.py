@@ -153,7 +153,8 @@ def solve_all(task_set: TaskSet, store: ResultsStore, config: RunConfig, started
     gets the backend, device and task counts. `make_worker` replaces the model's worker (tests' stand-ins)."""
     from tqdm import tqdm
 
-    from kit.workers import InlinePool, Job, ProcessPool, visible_gpus
+    from kit.pool import InlinePool, ProcessPool, visible_gpus
+    from kit.workers import Job
 
     config = with_context(config)
     deadline = started + config.work_seconds() if config.budget else None

@@ -14,12 +14,13 @@ import pytest
 from stand_in_workers import StandIns, TorchThreads
 
 from kit.config import RunConfig
+from kit.pool import ProcessPool
 from kit.results import ResultsStore, log_path, read_task_records
 from kit.runner import solve_all
 from kit.schedule import Profile
 from kit.submission import baseline_attempts, load_submission
 from kit.tasks import load_bundled
-from kit.workers import Job, ProcessPool
+from kit.workers import Job
 
 IDS = ["66e6c45b", "00576224", "be03b35f", "4cd1b7b2"]  # small ARC-1 eval tasks
 
