@@ -8,6 +8,9 @@ floor as TTT proceeds, times a saturating gain from more inference views. Small 
 most per second; a large answer needs many steps before it is worth anything (the value is S-shaped in steps,
 so the planner compares whole levels, not single increments). The model is crude on purpose: its job is to
 rank tasks and levels; real timings correct the costs as the run goes.
+
+Over 300 lines on purpose: the profile (costs), the difficulty model (values) and the planner that trades one
+for the other are one argument, read together; each part is a small class of its own.
 """
 from __future__ import annotations
 
