@@ -33,7 +33,7 @@ from kit.atomic import write_text_atomic  # noqa: E402
 from kit.augment import task_rng, task_seed  # noqa: E402
 from kit.config import InferSettings, RunConfig, TTTSettings  # noqa: E402
 from kit.format import task_tokens  # noqa: E402
-from kit.infer import predict  # noqa: E402
+from kit.infer import decode_candidates, fresh_views, score_under_views  # noqa: E402
 from kit.pretune import PretuneSettings, training_tasks  # noqa: E402
 from kit.ttt import train_task  # noqa: E402
 from kit.vote import RANK_BY, rank, two_attempts  # noqa: E402
@@ -74,13 +74,15 @@ def held_out_tasks(count: int) -> list:
 
 
 def searches(thresholds: list[float], score_views: int, augs: int) -> dict[str, InferSettings]:
-    base = InferSettings(augs=augs)
-    settings = {"greedy": base}
-    settings |= {f"dfs p={p:g}": replace(base, search="dfs", dfs_threshold=p) for p in thresholds}
-    if score_views > augs:
-        settings |= {f"{name} + {score_views} score views": replace(s, score_views=score_views)
-                     for name, s in list(settings.items())}
-    return settings
+    """Greedy and DFS at each threshold, each drawing `score_views` - `augs` fresh score views."""
+    base = InferSettings(augs=augs, score_views=max(score_views, augs))
+    return {"greedy": base} | {f"dfs p={p:g}": replace(base, search="dfs", dfs_threshold=p) for p in thresholds}
+
+
+def setting_names(thresholds: list[float], score_views: int, augs: int) -> list[str]:
+    """Each search scored under its decoding views, then (with fresh views) under `score_views` views."""
+    names = list(searches(thresholds, score_views, augs))
+    return names + [f"{name} + {score_views} score views" for name in names] if score_views > augs else names
 
 
 def read_results(path: Path, bench_args: dict) -> list[dict]:
@@ -101,27 +103,57 @@ def read_results(path: Path, bench_args: dict) -> list[dict]:
 
 
 def task_figures(worker: Worker, config: RunConfig, task, loss: str, settings: dict[str, InferSettings]) -> dict:
-    """One task's figures under every setting, on one adapter trained with TTT loss on `loss`."""
+    """One task's figures under every setting, on one adapter trained with TTT loss on `loss`. Each search decodes
+    once; its candidates are scored under the decoding views (the setting without score views), then under the
+    fresh views as well (the one with them), so both judge the same candidates and decoding is not paid twice."""
     run = replace(config, ttt=replace(config.ttt, loss_on=loss))
     run, _ = worker.memory.plan_task(task, run)
     ttt = train_task(worker.backend, worker.fmt, task, run.ttt, task_rng(run.seed, task.id, "ttt"),
                      task_seed(run.seed, task.id))
+    backend, fmt = worker.backend, worker.fmt
     figures = {}
     for name, infer in settings.items():
         infer = replace(infer, batch_size=run.infer.batch_size, merge_adapter=run.infer.merge_adapter)
         rng, start = task_rng(run.seed, task.id, "infer"), time.monotonic()
-        row = {"outputs": 0, "oracle": 0, "candidates": 0, "solved": dict.fromkeys(RANK_BY, 0)}
-        with worker.backend.merged_adapter() if infer.merge_adapter else nullcontext():
+        decoding_only, with_fresh = Outcome(), Outcome()
+        with backend.merged_adapter() if infer.merge_adapter else nullcontext():
             for test_input, truth in zip(task.test_inputs, task.test_outputs):
-                candidates = predict(worker.backend, worker.fmt, task, test_input, infer, rng)
-                row["outputs"] += 1
-                row["candidates"] += len(candidates)
-                row["oracle"] += any(np.array_equal(c.grid, truth) for c in candidates)
-                for rule in RANK_BY:
-                    attempts = two_attempts(rank(candidates, rule), test_input)
-                    row["solved"][rule] += any(np.array_equal(a, truth) for a in attempts)
-        figures[f"{loss}, {name}"] = row | {"seconds": round(ttt.seconds + time.monotonic() - start, 2)}
+                decoded = decode_candidates(backend, fmt, task, test_input, infer, rng)
+                score_under_views(backend, fmt, decoded.candidates, decoded.views, decoded.prompts, infer,
+                                  prefilled=decoded.prefilled)
+                decoding_only.add(decoded.candidates, test_input, truth, time.monotonic() - start)
+                views, prompts = fresh_views(fmt, task, test_input, decoded, infer, rng, backend.max_length)
+                if views:
+                    score_under_views(backend, fmt, decoded.candidates, views, prompts, infer)
+                with_fresh.add(decoded.candidates, test_input, truth, time.monotonic() - start)
+                start = time.monotonic()
+        figures[f"{loss}, {name}"] = decoding_only.figures(ttt.seconds)
+        if infer.score_views > infer.augs:
+            figures[f"{loss}, {name} + {infer.score_views} score views"] = with_fresh.figures(ttt.seconds)
     return figures
+
+
+@dataclass
+class Outcome:
+    """One setting's figures on one task, test input by test input."""
+    outputs: int = 0
+    oracle: int = 0
+    candidates: int = 0
+    solved: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RANK_BY, 0))
+    seconds: float = 0.0
+
+    def add(self, candidates: list, test_input, truth, seconds: float) -> None:
+        self.outputs += 1
+        self.candidates += len(candidates)
+        self.oracle += any(np.array_equal(c.grid, truth) for c in candidates)
+        for rule in RANK_BY:
+            attempts = two_attempts(rank(candidates, rule), test_input)
+            self.solved[rule] += any(np.array_equal(a, truth) for a in attempts)
+        self.seconds += seconds
+
+    def figures(self, ttt_seconds: float) -> dict:
+        return {"outputs": self.outputs, "oracle": self.oracle, "candidates": self.candidates,
+                "solved": self.solved, "seconds": round(ttt_seconds + self.seconds, 2)}
 
 
 def print_table(entries: list[dict], names: list[str], bench_args: dict) -> None:
@@ -154,7 +186,8 @@ def main() -> None:
                   "score_views": args.score_views, "loss_on": args.loss_on}
     entries = read_results(args.results, bench_args)
     settings = searches(args.thresholds, args.score_views, args.augs)
-    names = [f"{loss}, {name}" for loss in args.loss_on for name in settings]
+    names = [f"{loss}, {name}" for loss in args.loss_on
+             for name in setting_names(args.thresholds, args.score_views, args.augs)]
     done = {e["task"] for e in entries}
     tasks = [t for t in held_out_tasks(args.tasks) if t.id not in done]
     if entries:

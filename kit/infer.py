@@ -3,6 +3,7 @@ answer back, then score every distinct candidate under every view (product of ex
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,10 +54,33 @@ def view_prompts(fmt: GridFormat, task: Task, test_input: Grid, views: list[Augm
     return kept, prompts
 
 
+@dataclass
+class Decoded:
+    """One test input's candidates as decoding left them (no view scores yet), with what scoring them needs: the
+    views that decoded them, their prompts and, where they were kept, their prefilled caches."""
+    candidates: list[Candidate]
+    views: list[Augmentation]
+    prompts: list[np.ndarray]
+    answer_tokens: int
+    prefilled: list[tuple[list[int], Prefix]] | None
+
+
 def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, settings: InferSettings,
             rng: np.random.Generator, deadline: float | None = None) -> list[Candidate]:
-    """Candidates for one test input, each with its votes and its log-likelihood under every view. At
-    `deadline` (a time.monotonic() instant) decoding and scoring stop where they are."""
+    """Candidates for one test input, each with its votes and its log-likelihood under every view (the decoding
+    views, then `score_views` - `augs` fresh ones). At `deadline` (a time.monotonic() instant) decoding and scoring
+    stop where they are."""
+    decoded = decode_candidates(backend, fmt, task, test_input, settings, rng, deadline)
+    fresh, fresh_prompts = fresh_views(fmt, task, test_input, decoded, settings, rng, backend.max_length)
+    score_under_views(backend, fmt, decoded.candidates, decoded.views + fresh, decoded.prompts + fresh_prompts,
+                      settings, deadline, decoded.prefilled)
+    return decoded.candidates
+
+
+def decode_candidates(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, settings: InferSettings,
+                      rng: np.random.Generator, deadline: float | None = None) -> Decoded:
+    """Decode the test input under `augs` views (the search `settings` names), every answer mapped back and
+    tallied into candidates."""
     side = plausible_side(task, test_input)
     answer_tokens = answer_budget(side)
     views, prompts = view_prompts(fmt, task, test_input,
@@ -74,13 +98,15 @@ def predict(backend: Backend, fmt: GridFormat, task: Task, test_input: Grid, set
             grids += inverted_grids(fmt, [view] * len(outputs), outputs)
         if keep:
             prefilled.append((group, prefix))
-    candidates = tally(grids)
-    # Fresh views (new symmetries, colours and orders) judge the candidates too: experts that did not decode them.
-    fresh = cycled_views(rng, len(views), settings.score_views, len(task.train), settings.keep_background)
-    fresh_views, fresh_prompts = view_prompts(fmt, task, test_input, fresh, answer_tokens, backend.max_length)
-    score_under_views(backend, fmt, candidates, views + fresh_views, prompts + fresh_prompts, settings, deadline,
-                      prefilled if keep else None)
-    return candidates
+    return Decoded(tally(grids), views, prompts, answer_tokens, prefilled if keep else None)
+
+
+def fresh_views(fmt: GridFormat, task: Task, test_input: Grid, decoded: Decoded, settings: InferSettings,
+                rng: np.random.Generator, max_length: int) -> tuple[list[Augmentation], list[np.ndarray]]:
+    """Views number `augs` to `score_views` - 1 (new symmetries, colours and orders) and their prompts: experts
+    that did not decode the candidates judge them too."""
+    fresh = cycled_views(rng, len(decoded.views), settings.score_views, len(task.train), settings.keep_background)
+    return view_prompts(fmt, task, test_input, fresh, decoded.answer_tokens, max_length)
 
 
 def search(backend: Backend, fmt: GridFormat, prefix: Prefix, rows: int, side: int, answer_tokens: int,
