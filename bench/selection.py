@@ -12,7 +12,8 @@ inference). Settings: greedy against DFS at each threshold, scored under the dec
 
 All 40 tasks take hours on a CPU: each finished task's figures are added to --results (JSON lines, rewritten
 atomically), and a rerun with the same settings skips the tasks already there, so the measurement can be spread
-over several sessions; the table is always of every task in the file.
+over several sessions (the default file is tracked: commit it after a run); the table is always of every task in
+the file.
 """
 from __future__ import annotations
 
@@ -179,8 +180,9 @@ def main() -> None:
     parser.add_argument("--thresholds", type=float, nargs="*", default=[0.1, 0.2])
     parser.add_argument("--score-views", type=int, default=16)
     parser.add_argument("--loss-on", nargs="*", default=["query", "outputs"])
-    parser.add_argument("--results", type=Path, default=ROOT / "runs" / "selection.jsonl", metavar="FILE",
-                        help="finished tasks' figures, kept across runs (default: runs/selection.jsonl)")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "selection.jsonl", metavar="FILE",
+                        help="finished tasks' figures, kept across runs and committed so that the next session "
+                             "on a fresh machine continues (default: docs/selection.jsonl)")
     args = parser.parse_args()
     bench_args = {"steps": args.steps, "augs": args.augs, "thresholds": args.thresholds,
                   "score_views": args.score_views, "loss_on": args.loss_on}
