@@ -53,11 +53,12 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-# DFS (kit/decode.py) decodes each view alone and backtracks; measured by bench/selection.py (5 held-out tasks,
-# 8 views, p = 0.1, docs/results.md): 9.4 candidates per test input against 5.0 greedy, +20-30 s a task on this
-# CPU, about twice greedy decoding's tokens per view.
-DFS_EXPANSION = 2.0
-DFS_CANDIDATES = 1.2
+# DFS (kit/decode.py) decodes all views in one batch and backtracks. Fitted to bench/selection.py on 10 held-out
+# tasks (docs/selection.jsonl, 8 views, 2026-12-04, 2-core fp32 CPU, the profile --calibrate measured there):
+# p = 0.1 found 1.52x greedy's candidates (8.6 against 5.65 per test input) and cost 10.4 s a task more, p = 0.2
+# 1.18x and 3.6 s; twice greedy's decoding steps and 1.5x its candidates price that at 13.6 s (kept above both).
+DFS_EXPANSION = 2.0  # batched DFS decoding steps over greedy's
+DFS_CANDIDATES = 1.5  # DFS candidates over greedy's
 
 # --- throughput ---------------------------------------------------------------------------------------------
 
@@ -82,19 +83,17 @@ class Profile:
 
     def infer_seconds(self, views: int, prompt_tokens: int, decode_tokens: int, tests: int,
                       score_views: int = 0, search: str = "greedy") -> float:
-        """Prefill `views` prompts and decode them (greedy: in one batch up to `decode_tokens` steps; DFS: a view
-        at a time, exploring DFS_EXPANSION x the tokens of one answer), then score the candidates (about views/2
-        greedy, DFS_CANDIDATES x views with DFS) under every one of max(views, `score_views`) views (product of
-        experts: their answers after the prefilled prompts; fresh score views prefill their prompts too), for
-        each test input."""
+        """Prefill `views` prompts and decode them in one batch (greedy: up to `decode_tokens` steps; DFS:
+        DFS_EXPANSION x as many, backtracking), then score the candidates (about views/2 greedy, DFS_CANDIDATES x
+        that with DFS) under every one of max(views, `score_views`) views (product of experts: their answers after
+        the prefilled prompts; fresh score views prefill their prompts too), for each test input."""
         judges = max(views, score_views)
         prefill = judges * prompt_tokens / self.prefill_tokens_per_s
+        decode = decode_tokens * (self.decode_step_s + views * self.decode_row_s)
+        candidates = max(1.0, views / 2)
         if search == "dfs":
-            decode = views * DFS_EXPANSION * decode_tokens * (self.decode_step_s + self.decode_row_s)
-            candidates = DFS_CANDIDATES * views
-        else:
-            decode = decode_tokens * (self.decode_step_s + views * self.decode_row_s)
-            candidates = max(1.0, views / 2)
+            decode *= DFS_EXPANSION
+            candidates *= DFS_CANDIDATES
         scoring = candidates * judges * decode_tokens / self.prefill_tokens_per_s
         return tests * (prefill + decode + scoring)
 
