@@ -83,7 +83,12 @@ def searches(thresholds: list[float], score_views: int, augs: int) -> dict[str, 
 def setting_names(thresholds: list[float], score_views: int, augs: int) -> list[str]:
     """Each search scored under its decoding views, then (with fresh views) under `score_views` views."""
     names = list(searches(thresholds, score_views, augs))
-    return names + [f"{name} + {score_views} score views" for name in names] if score_views > augs else names
+    return names + [with_score_views(name, score_views) for name in names] if score_views > augs else names
+
+
+def with_score_views(search_name: str, score_views: int) -> str:
+    """The name of a search's setting scored under fresh views as well (one rule for the table and the figures)."""
+    return f"{search_name} + {score_views} score views"
 
 
 def read_results(path: Path, bench_args: dict) -> list[dict]:
@@ -124,13 +129,12 @@ def task_figures(worker: Worker, config: RunConfig, task, loss: str, settings: d
                                   prefilled=decoded.prefilled)
                 decoding_only.add(decoded.candidates, test_input, truth, time.monotonic() - start)
                 views, prompts = fresh_views(fmt, task, test_input, decoded, infer, rng, backend.max_length)
-                if views:
-                    score_under_views(backend, fmt, decoded.candidates, views, prompts, infer)
+                score_under_views(backend, fmt, decoded.candidates, views, prompts, infer)  # none: nothing to do
                 with_fresh.add(decoded.candidates, test_input, truth, time.monotonic() - start)
                 start = time.monotonic()
         figures[f"{loss}, {name}"] = decoding_only.figures(ttt.seconds)
         if infer.score_views > infer.augs:
-            figures[f"{loss}, {name} + {infer.score_views} score views"] = with_fresh.figures(ttt.seconds)
+            figures[f"{loss}, {with_score_views(name, infer.score_views)}"] = with_fresh.figures(ttt.seconds)
     return figures
 
 
