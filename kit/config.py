@@ -26,6 +26,9 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: tuple[str, ...] = (ALL_LINEAR,)  # or projection names (kit.backend.adapter.target_names)
+    # token ids whose rows of the input embedding and the LM head train with the adapter (peft's trainable tokens;
+    # kit.pretune --train-embeddings: the grid format's); empty: the embeddings stay frozen (TTT)
+    trainable_tokens: tuple[int, ...] = ()
 
     def peft_config(self) -> dict[str, Any]:
         """Keyword arguments shared by peft.LoraConfig and unsloth's get_peft_model (peft reads ALL_LINEAR

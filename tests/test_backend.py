@@ -28,7 +28,7 @@ DIGITS = [SYMBOLS.index(d) for d in "0123456789"]
 GRID_VOCAB = [*DIGITS, SYMBOLS.index("\n"), EOS]
 
 
-def save_tiny_llama(path: Path) -> Path:
+def save_tiny_llama(path: Path, tied: bool = True) -> Path:
     """A 2-layer random Llama with a one-token-per-character tokenizer, saved like a real model."""
     offline_environment()
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -36,7 +36,7 @@ def save_tiny_llama(path: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(SYMBOLS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=EOS)
+                         tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=EOS)
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
     return save_char_tokenizer(path)
 
@@ -455,3 +455,50 @@ def test_merged_adapter_infers_the_same_and_gives_the_base_back_untouched(backen
         if "lora_" not in n:
             assert p is weights[n] and torch.equal(p, values[n])
     np.testing.assert_array_equal(pair_scores(backend, prompts, answers, GRID_VOCAB), scores)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_trained_token_rows_reach_the_kits_head_and_a_merged_model(tmp_path, tied: bool) -> None:
+    """Pretuning's --train-embeddings: the grid tokens' rows of the embedding and of the head (one set where they
+    are tied) train with the LoRA; the kit's own head reads the trained rows, not the weight it found at load, so
+    its loss is the model's; the merged model computes the same; a reset gives the base's rows back; and inference
+    refuses merged weights (they would drop the rows)."""
+    from transformers import AutoModelForCausalLM
+
+    from kit.weights import merge_adapter
+
+    base = save_tiny_llama(tmp_path / "base", tied=tied)
+    backend = load_backend(base, "peft", LoraSettings(rank=4, alpha=8, trainable_tokens=tuple(GRID_VOCAB)),
+                           max_length=128, seed=0, log=lambda _: None, dtype=torch.float32)
+    rows = [p for n, p in backend.model.named_parameters() if "trainable_tokens_delta" in n]
+    assert len(rows) == (1 if tied else 2) and {id(p) for p in rows} <= {id(p) for p in backend.trainable_parameters()}
+    assert all(r.shape == (len(GRID_VOCAB), 64) and r.dtype == torch.float32 for r in rows)
+    start = [r.detach().clone() for r in rows]
+    train_steps(backend, 3, np.random.default_rng(30))
+    assert all(not torch.equal(r, s) for r, s in zip(rows, start))  # embedding and head rows both learn
+
+    ids, labels, mask = right_padded(random_rows(np.random.default_rng(31), [18, 12]), [6, 5])
+    targets = labels.masked_fill(mask == 0, IGNORE)[:, 1:]
+    log_probs = reference_log_probs(backend, ids, mask, None)  # peft's own forward, trained rows in place
+    expected = F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+    with torch.no_grad():
+        torch.testing.assert_close(backend.loss(ids, labels, mask), expected, rtol=1e-5, atol=1e-5)
+        grid = torch.tensor(GRID_VOCAB)
+        restricted = backend.loss(ids, labels, mask, grid)
+    with pytest.raises(ValueError, match="token rows"):
+        with backend.merged_adapter():
+            pass
+
+    backend.model.save_pretrained(tmp_path / "adapter")
+    merged = merge_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp_path / "adapter")
+    with torch.no_grad():
+        logits = merged(input_ids=ids, attention_mask=mask).logits.float()[:, :-1]
+    torch.testing.assert_close(logits.log_softmax(-1), log_probs, rtol=1e-5, atol=1e-5)
+
+    backend.reset_lora(0)
+    assert all(torch.equal(r, s) for r, s in zip(rows, start)) and all(r.grad is None for r in rows)
+    plain = load_backend(base, "peft", LoraSettings(rank=4, alpha=8), max_length=128, seed=0, log=lambda _: None,
+                         dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(backend.loss(ids, labels, mask, grid), plain.loss(ids, labels, mask, grid))
+        assert not torch.allclose(restricted, plain.loss(ids, labels, mask, grid))

@@ -31,17 +31,27 @@ def test_evaluation_tasks_never_reach_pretuning_whatever_the_source(tmp_path):
     assert [t.id for t in training_tasks(alone, lambda _: None)[1]] == [t.id for t in held]
 
 
+def test_embeddings_train_on_peft_only(tmp_path, capsys, tiny_model_dir):
+    code = main(["--out", str(tmp_path), "--base", str(tiny_model_dir), "--sets", "arc1-train", "--steps", "1",
+                 "--train-embeddings", "--backend", "unsloth"])
+    assert code == 2 and "needs --backend peft" in capsys.readouterr().err
+
+
 def test_the_cli_refuses_an_evaluation_set(capsys):
     with pytest.raises(SystemExit):
         main(["--sets", "arc1-train", "arc1-eval"])
     assert "evaluation sets are never used" in capsys.readouterr().err
 
 
-def test_a_pretune_killed_after_a_checkpoint_resumes_to_the_same_adapter(tmp_path, monkeypatch, tiny_model_dir):
+@pytest.mark.parametrize("train_embeddings", [False, True])
+def test_a_pretune_killed_after_a_checkpoint_resumes_to_the_same_adapter(tmp_path, monkeypatch, tiny_model_dir,
+                                                                         train_embeddings):
+    """Also with --train-embeddings: the token rows are in the checkpoint, the optimiser's state and the adapter."""
     from safetensors.torch import load_file
 
     settings = PretuneSettings(base=tiny_model_dir, sets=["arc1-train"], steps=4, batch_size=2, max_length=320,
-                               hold_out=2, eval_every=2, save_every=2, backend="peft", warmup_steps=1)
+                               hold_out=2, eval_every=2, save_every=2, backend="peft", warmup_steps=1,
+                               train_embeddings=train_embeddings)
     straight = pretune(replace(settings, out=tmp_path / "straight"), log=lambda _: None)
 
     real_step = kit.pretune.train_step
@@ -63,10 +73,13 @@ def test_a_pretune_killed_after_a_checkpoint_resumes_to_the_same_adapter(tmp_pat
     assert any("at step 2" in m for m in messages)
     a, b = load_file(straight / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys()
+    rows = [name for name in a if "trainable_tokens_delta" in name]
+    assert len(rows) == train_embeddings and all(a[name].shape[0] == 16 for name in rows)  # the packed vocabulary
     for name in a:
         assert (a[name] - b[name]).abs().max() < 1e-6, name
     summary = json.loads((tmp_path / "resumed" / "pretune.json").read_text())
     assert [s for s, _ in summary["held_out_loss"]] == [0, 2, 4] and summary["evaluation_tasks_dropped"] == 0
+    assert len(summary["losses"]) == 4  # every step's training loss, the killed run's included: the loss curve
 
 
 @pytest.mark.slow

@@ -28,6 +28,46 @@ def target_names(model: torch.nn.Module, wanted: Sequence[str]) -> list[str]:
     return list(wanted)
 
 
+def token_targets(model: torch.nn.Module, ids: Sequence[int]) -> dict[str, list[int]]:
+    """peft's `trainable_token_indices` for training the rows of `ids`: the input embedding's, and the LM head's
+    where it has its own weight (peft makes a tied head follow the embedding)."""
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    targets = {names[id(embedding)]: list(ids)}
+    if head is not None and head.weight is not embedding.weight:
+        targets[names[id(head)]] = list(ids)
+    return targets
+
+
+def token_layers(model: torch.nn.Module) -> list[Any]:
+    """peft's trainable-token layers that hold their own rows (a tied head's layer shares the embedding's)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    return [m for m in model.modules() if isinstance(m, TrainableTokensLayer) and m.tied_adapter is None]
+
+
+def token_rows(layers: list[Any]) -> list[torch.nn.Parameter]:
+    """The trained rows of every active trainable-token adapter, kept in fp32 like the LoRA matrices (peft makes
+    them in the base's dtype; its forward casts them back)."""
+    rows = []
+    for layer in layers:
+        for name in layer.active_adapters:
+            delta = layer.trainable_tokens_delta[name]
+            delta.data = delta.data.float()
+            rows.append(delta)
+    return rows
+
+
+@torch.no_grad()
+def reset_token_rows(layers: list[Any]) -> None:
+    """Trained token rows back to the base's own (what peft starts from), no grads left."""
+    for layer in layers:
+        for name in layer.active_adapters:
+            delta = layer.trainable_tokens_delta[name]
+            delta.copy_(layer.trainable_tokens_original[name])
+            delta.grad = None
+
+
 def lora_layers(model: torch.nn.Module) -> list[Any]:
     """The peft LoRA layers of a model (each wraps one adapted projection)."""
     from peft.tuners.lora import LoraLayer
@@ -64,9 +104,12 @@ def merged(model: torch.nn.Module, layers: list[Any]) -> Iterator[None]:
     """Inference through merged weights W + s*B*A instead of W plus the LoRA branch: one matmul per projection
     instead of three, a third of the kernels per decoding step. The merged weights are new tensors swapped in (an
     untrained adapter, B = 0, swaps nothing); the base's own tensors are put back on exit, untouched (merging in
-    place and subtracting afterwards would drift in bf16). Packed weights are refused: their storage is not W."""
+    place and subtracting afterwards would drift in bf16). Packed weights are refused: their storage is not W; so
+    are trained token rows (disabling the adapter would drop them)."""
     if packed(layers):
         raise ValueError("the base's weights are packed (4-bit): inference runs through the LoRA branch")
+    if token_layers(model):
+        raise ValueError("the adapter trains token rows: inference runs through the adapter")
     swapped = []
     try:
         with torch.no_grad():

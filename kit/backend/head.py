@@ -11,6 +11,7 @@ scoring wrong.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,6 +23,8 @@ class Head:
     bias: torch.Tensor | None = None
     scale: float = 1.0
     softcap: float | None = None
+    trained_rows: Any = None  # peft's trainable-token layer whose rows replace some of the weight's (pretuning's
+    # --train-embeddings): read at every use, since they change with every step
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> Head:
@@ -31,21 +34,29 @@ class Head:
         scale = (float(getattr(config, "logit_scale", None) or 1.0)
                  / float(getattr(config, "logits_scaling", None) or 1.0))
         softcap = getattr(config, "final_logit_softcapping", None)
-        return cls(output.weight, getattr(output, "bias", None), scale, float(softcap) if softcap else None)
+        rows = getattr(output, "token_adapter", None)  # peft's TrainableTokensWrapper around the head
+        weight = output.weight if rows is None else rows.get_base_layer().weight
+        return cls(weight, getattr(output, "bias", None), scale, float(softcap) if softcap else None, rows)
 
     @property
     def rows(self) -> int:
         return self.weight.shape[0]
 
+    def current_weight(self) -> torch.Tensor:
+        """The weight with the trained token rows in place (the weight itself when none train)."""
+        if self.trained_rows is None:
+            return self.weight
+        return self.trained_rows.get_merged_weights(self.trained_rows.active_adapters)
+
     def restricted(self, allowed: torch.Tensor) -> Head:
-        """The head over `allowed` ids only (gathered once per decoding, not per step)."""
+        """The head over `allowed` ids only (gathered once per decoding, not per step; per pass in training)."""
         bias = None if self.bias is None else self.bias[allowed]
-        return Head(self.weight[allowed], bias, self.scale, self.softcap)
+        return Head(self.current_weight()[allowed], bias, self.scale, self.softcap)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits outside autocast: exact enough to compare likelihoods across candidates."""
         with torch.autocast(hidden.device.type, enabled=False):
-            logits = hidden.float() @ self.weight.float().T
+            logits = hidden.float() @ self.current_weight().float().T
             if self.bias is not None:
                 logits = logits + self.bias.float()
             if self.scale != 1.0:

@@ -63,8 +63,12 @@ def check_4bit(device: torch.device) -> None:
 
 
 def lora_config(model: torch.nn.Module, lora: LoraSettings) -> dict:
-    """The adapter's settings with its targets resolved in this model (adapter.target_names)."""
-    return {**lora.peft_config(), "target_modules": adapter.target_names(model, lora.target_modules)}
+    """The adapter's settings with its targets resolved in this model (adapter.target_names), and the token rows
+    that train with it (peft's trainable tokens, which unsloth's loader refuses before it gets here)."""
+    config = {**lora.peft_config(), "target_modules": adapter.target_names(model, lora.target_modules)}
+    if lora.trainable_tokens:
+        config["trainable_token_indices"] = adapter.token_targets(model, lora.trainable_tokens)
+    return config
 
 
 class PeftBackend(Backend):
@@ -97,6 +101,9 @@ class UnslothBackend(Backend):
     @classmethod
     def load(cls, model_dir: Path, lora: LoraSettings, max_length: int, seed: int, device: torch.device,
              dtype: torch.dtype, load_in_4bit: bool = False) -> UnslothBackend:
+        if lora.trainable_tokens:
+            raise SettingError("training the embeddings' token rows needs --backend peft: unsloth's get_peft_model "
+                               "takes no trainable tokens")
         from unsloth import FastLanguageModel
 
         model, tokenizer = FastLanguageModel.from_pretrained(

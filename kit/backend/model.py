@@ -59,7 +59,8 @@ class Backend(Likelihoods):
         self._windows = Windows.of(base)
         self._pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
         self._lora_layers = adapter.lora_layers(model)
-        self._lora = adapter.lora_weights(self._lora_layers)
+        self._token_layers = adapter.token_layers(model)
+        self._lora = adapter.lora_weights(self._lora_layers) + adapter.token_rows(self._token_layers)
         if not self._lora:
             raise ValueError(f"{type(model).__name__}: no LoRA layers were attached")
         lora_ids = {id(p) for p in self._lora}
@@ -76,8 +77,10 @@ class Backend(Likelihoods):
     # --- adapter (kit/backend/adapter.py) ------------------------------------------------------------------
 
     def reset_lora(self, seed: int) -> None:
-        """A fresh adapter in place: A ~ kaiming-uniform (as PEFT) from `seed` alone, B = 0, no grads left."""
+        """A fresh adapter in place: A ~ kaiming-uniform (as PEFT) from `seed` alone, B = 0, trained token rows
+        back to the base's, no grads left."""
         adapter.reset(self._lora_layers, seed)
+        adapter.reset_token_rows(self._token_layers)
 
     @contextmanager
     def merged_adapter(self) -> Iterator[None]:
