@@ -1,10 +1,20 @@
-"""Does a pretuned adapter help? The same ARC-AGI-1 training tasks held out from pretuning, the same TTT steps and
-views, solved by the base model and by the base with the adapter merged (packed as `kit.pack` does), in one run.
+"""Does a pretuned adapter help, and does a new one beat the old? On the ARC-AGI-1 training tasks held out from
+pretuning, the base model and the base with each adapter merged (packed as `kit.pack` does) are measured in one
+run: the held-out loss (kit.pretune's fixed views of every held-out task) and the test outputs solved under the same
+TTT budget per task (`--steps` steps, `--augs` views).
 
-    python bench/pretune_gain.py PRETUNE_DIR [--tasks N] [--steps N] [--augs N]
+    python bench/pretune_gain.py ADAPTER_DIR [--against ADAPTER_DIR ...] [--base DIR] [--tasks N] [--steps N]
+                                 [--augs N] [--results FILE]
 
-PRETUNE_DIR is a `python -m kit.pretune --out` directory: its `adapter/` and, in `pretune.json`, the held-out
-task ids and the base model.
+ADAPTER_DIR is a `python -m kit.pretune --out` directory (its `adapter/` and `pretune.json`, which names the
+held-out tasks) or a committed adapter such as weights/adapters/smollm2-arc-r8 (`pretune.json` beside the adapter's
+files). `--against` adds adapters to compare with. All are merged into the same base: `--base` (a model
+directory), by default the embedded default's GGUF without any adapter, packed for the run.
+
+All 40 tasks under three models take hours on a CPU: each finished (model, task) is added to --results (JSON lines,
+rewritten atomically; a model is known by its adapter's sha256), and a rerun with the same settings skips those, so
+the measurement can be spread over sessions (commit the file after a run). The table is of the tasks every model
+has finished.
 """
 from __future__ import annotations
 
@@ -12,46 +22,150 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.entries import read_entries, write_entries  # noqa: E402
 from kit.config import InferSettings, RunConfig, TTTSettings  # noqa: E402
 from kit.format import task_tokens  # noqa: E402
-from kit.runner import run  # noqa: E402
+from kit.pretune import PretuneSettings, held_out_loss  # noqa: E402
 from kit.tasks import load_bundled  # noqa: E402
-from kit.weights import load_base, merge_adapter, save_packed  # noqa: E402
+from kit.weights import file_digest, load_base, merge_adapter, save_packed  # noqa: E402
+from kit.workers import Job, Worker  # noqa: E402
+
+HELD_OUT = "held-out loss"  # the entry of a contender's loss (every other entry is a task)
+HELD_OUT_LENGTH = 2048  # longest held-out view scored: every model's loss is taken on the same sequences
+
+
+@dataclass
+class Contender:
+    """A model of the comparison: the base, or the base with one adapter merged."""
+    name: str
+    adapter: Path | None
+    key: str  # the adapter's sha256 ("base" for none): what the results file knows it by
+
+    @classmethod
+    def of(cls, directory: Path | None) -> Contender:
+        """The base (None), or the adapter of a kit.pretune output or adapter directory, named by the directory."""
+        if directory is None:
+            return cls("base", None, "base")
+        adapter = directory / "adapter" if (directory / "adapter").is_dir() else directory
+        weights = adapter / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise SystemExit(f"{directory}: neither a LoRA adapter directory nor a kit.pretune output (no "
+                             f"adapter_model.safetensors)")
+        return cls(directory.name, adapter, file_digest(weights))
+
+
+def packed(contender: Contender, base: Path | None, directory: Path) -> Path:
+    """The contender as a packed model directory: the base (a directory, or None: the default's GGUF) with its
+    adapter merged in fp32, as kit.pack does."""
+    if contender.adapter is None and base is not None:
+        return base
+    model, tokenizer, described = load_base(base)
+    model = model.float() if contender.adapter is None else merge_adapter(model.float(), contender.adapter)
+    return save_packed(model, tokenizer, directory / contender.key[:12],
+                       {"base": described, "adapter": str(contender.adapter)}, shrink=False)
+
+
+def load(contender: Contender, model_dir: Path, bench_args: dict) -> Worker:
+    config = RunConfig(model=model_dir, backend="peft", compile="off", ttt=TTTSettings(steps=bench_args["steps"]),
+                       infer=InferSettings(augs=bench_args["augs"]))
+    return Worker(config, log=lambda _: None)
+
+
+def measure_loss(contender: Contender, worker: Worker, held: list, entries: list[dict], bench_args: dict,
+                 results: Path) -> None:
+    """The contender's loss on kit.pretune's fixed views of every held-out task (the tasks in pretune's order, by
+    id, so that the views drawn are the ones its held-out loss was taken on at this length), its LoRA at zero."""
+    import torch
+
+    worker.backend.reset_lora(0)  # B = 0: the model as packed
+    vocab = torch.tensor(worker.fmt.grid_vocabulary, dtype=torch.long)
+    by_id = sorted(held, key=lambda t: t.id)
+    loss = held_out_loss(worker.backend, worker.fmt, by_id, PretuneSettings(max_length=HELD_OUT_LENGTH), vocab)
+    save(entries, results, {"model": contender.key, "name": contender.name, "task": HELD_OUT, "loss": round(loss, 4),
+                            "args": bench_args})
+    print(f"{contender.name}: held-out loss {loss:.4f}", flush=True)
+
+
+def measure_task(contender: Contender, worker: Worker, task, entries: list[dict], bench_args: dict,
+                 results: Path) -> None:
+    """One task solved by the contender under the bench's TTT budget, as a run would (worker, memory plan)."""
+    record = worker.run(Job(task, bench_args["steps"], bench_args["augs"]), log=print)
+    solved = sum(record.solved or [])
+    save(entries, results, {"model": contender.key, "name": contender.name, "task": task.id, "solved": solved,
+                            "outputs": len(task.test_inputs), "seconds": record.seconds, "error": record.error,
+                            "args": bench_args})
+    print(f"{contender.name} {task.id}: {solved}/{len(task.test_inputs)} in {record.seconds:.0f} s", flush=True)
+
+
+def save(entries: list[dict], results: Path, entry: dict) -> None:
+    entries.append(entry)
+    write_entries(results, entries)
+
+
+def print_table(contenders: list[Contender], task_ids: list[str], entries: list[dict], bench_args: dict) -> None:
+    """Solved test outputs, held-out loss and seconds per task, over the tasks every contender has finished."""
+    by = {(e["model"], e["task"]): e for e in entries}
+    common = [t for t in task_ids if all((c.key, t) in by for c in contenders)]
+    print(f"\n{len(common)} of {len(task_ids)} held-out ARC-AGI-1 training tasks finished by every model, "
+          f"{bench_args['steps']} TTT steps, {bench_args['augs']} views")
+    print("| model | solved test outputs | tasks fully solved | held-out loss | seconds per task |")
+    print("|---|---|---|---|---|")
+    for c in contenders:
+        rows = [by[(c.key, t)] for t in common]
+        solved, outputs = sum(r["solved"] for r in rows), sum(r["outputs"] for r in rows)
+        full = sum(r["solved"] == r["outputs"] for r in rows)
+        loss = by.get((c.key, HELD_OUT), {}).get("loss", float("nan"))
+        seconds = sum(r["seconds"] for r in rows) / max(len(rows), 1)
+        print(f"| {c.name} | {solved}/{outputs} | {full}/{len(rows)} | {loss:.4f} | {seconds:.0f} |")
+    sys.stdout.flush()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("pretune_dir", type=Path)
-    parser.add_argument("--tasks", type=int, default=12, help="the N smallest held-out tasks")
+    parser.add_argument("adapter", type=Path, metavar="ADAPTER_DIR")
+    parser.add_argument("--against", type=Path, nargs="*", default=[], metavar="ADAPTER_DIR",
+                        help="adapters to compare with, merged into the same base")
+    parser.add_argument("--base", type=Path, metavar="DIR",
+                        help="model directory the adapters are merged into (default: the default's GGUF, bare)")
+    parser.add_argument("--tasks", type=int, default=40, help="the N smallest held-out tasks (by tokens)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--augs", type=int, default=4)
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "pretune_gain.jsonl", metavar="FILE",
+                        help="finished (model, task) figures, kept across runs (default: docs/pretune_gain.jsonl)")
     args = parser.parse_args()
-    summary = json.loads((args.pretune_dir / "pretune.json").read_text())
-    held = set(summary["held_out_ids"])
-    tasks = sorted((t for t in load_bundled("arc1-train").tasks if t.id in held), key=task_tokens)[:args.tasks]
-    ids = [t.id for t in tasks]
-    base = Path(summary["model"])
-    scores = {}
+    summary_path = args.adapter / "pretune.json"
+    if not summary_path.is_file():
+        raise SystemExit(f"{summary_path}: missing (it names the held-out tasks)")
+    held_ids = set(json.loads(summary_path.read_text())["held_out_ids"])
+    held = sorted((t for t in load_bundled("arc1-train").tasks if t.id in held_ids), key=task_tokens)
+    tasks = held[:args.tasks]
+    contenders = [Contender.of(None), *(Contender.of(a) for a in args.against), Contender.of(args.adapter)]
+    bench_args = {"base": args.base.name if args.base else "gguf", "steps": args.steps, "augs": args.augs,
+                  "tasks": args.tasks}
+    entries = read_entries(args.results, bench_args)
+    task_ids = [t.id for t in tasks]
+    if entries:
+        print(f"{args.results}: {len(entries)} entries measured before")
+        print_table(contenders, task_ids, entries, bench_args)
+    done = {(e["model"], e["task"]) for e in entries}
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer, described = load_base(base)
-        adapter = args.pretune_dir / "adapter"
-        pretuned = save_packed(merge_adapter(model, adapter), tokenizer, Path(tmp) / "pretuned",
-                               {"base": described, "adapter": str(adapter)}, shrink=False)
-        for name, model_dir in (("base", base), ("pretuned", pretuned)):
-            config = RunConfig(dataset="arc1-train", tasks=ids, model=model_dir, backend="peft",
-                               out=Path(tmp) / name / "submission.json",
-                               ttt=TTTSettings(steps=args.steps), infer=InferSettings(augs=args.augs))
-            scores[name] = run(config, log=lambda _: None).score
-            print(f"{name:>9}: {scores[name].summary()}", flush=True)
-    print(f"{len(ids)} held-out ARC-AGI-1 training tasks ({' '.join(ids)}), {args.steps} TTT steps, {args.augs} views")
-    print(f"pretuned - base: {scores['pretuned'].solved - scores['base'].solved:+d} test outputs "
-          f"({scores['pretuned'].solved}/{scores['pretuned'].total} vs {scores['base'].solved}/{scores['base'].total})")
-
+        workers = {}  # every contender loaded at once, so that each task is measured on all of them in turn
+        for c in contenders:
+            if any((c.key, t) not in done for t in [HELD_OUT, *task_ids]):
+                workers[c.key] = load(c, packed(c, args.base, Path(tmp)), bench_args)
+            if (c.key, HELD_OUT) not in done:
+                measure_loss(c, workers[c.key], held, entries, bench_args, args.results)
+        for task in tasks:
+            for c in contenders:
+                if (c.key, task.id) not in done:
+                    measure_task(c, workers[c.key], task, entries, bench_args, args.results)
+            print_table(contenders, task_ids, entries, bench_args)  # after every task: a stopped run still says
 
 if __name__ == "__main__":
     main()

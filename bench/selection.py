@@ -18,7 +18,6 @@ the file.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from contextlib import nullcontext
@@ -30,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kit.atomic import write_text_atomic  # noqa: E402
+from bench.entries import read_entries, write_entries  # noqa: E402
 from kit.augment import task_rng, task_seed  # noqa: E402
 from kit.config import InferSettings, RunConfig, TTTSettings  # noqa: E402
 from kit.format import task_tokens  # noqa: E402
@@ -89,23 +88,6 @@ def setting_names(thresholds: list[float], score_views: int, augs: int) -> list[
 def with_score_views(search_name: str, score_views: int) -> str:
     """The name of a search's setting scored under fresh views as well (one rule for the table and the figures)."""
     return f"{search_name} + {score_views} score views"
-
-
-def read_results(path: Path, bench_args: dict) -> list[dict]:
-    """The finished tasks in `path` (none if it does not exist), refused where they were measured otherwise."""
-    if not path.is_file():
-        return []
-    done = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SystemExit(f"{path}: line {n} is not JSON ({error}); move the file away to start anew")
-        if entry.get("args") != bench_args:
-            raise SystemExit(f"{path}: line {n} ({entry.get('task')}) was measured with {entry.get('args')}, "
-                             f"not {bench_args}; give another --results file")
-        done.append(entry)
-    return done
 
 
 def task_figures(worker: Worker, config: RunConfig, task, loss: str, settings: dict[str, InferSettings]) -> dict:
@@ -190,7 +172,7 @@ def main() -> None:
     args = parser.parse_args()
     bench_args = {"steps": args.steps, "augs": args.augs, "thresholds": args.thresholds,
                   "score_views": args.score_views, "loss_on": args.loss_on}
-    entries = read_results(args.results, bench_args)
+    entries = read_entries(args.results, bench_args)
     settings = searches(args.thresholds, args.score_views, args.augs)
     names = [f"{loss}, {name}" for loss in args.loss_on
              for name in setting_names(args.thresholds, args.score_views, args.augs)]
@@ -209,7 +191,7 @@ def main() -> None:
         for loss in args.loss_on:
             figures |= task_figures(worker, config, task, loss, settings)
         entries.append({"task": task.id, "args": bench_args, "figures": figures})
-        write_text_atomic(args.results, "".join(json.dumps(e) + "\n" for e in entries))
+        write_entries(args.results, entries)
         print_table(entries, names, bench_args)  # after every task: a run that is stopped still says what it did
 
 
