@@ -50,7 +50,7 @@ def plot(run: dict, out: Path) -> None:
     ax.plot(steps, losses, color="#bbb", linewidth=0.7, label="training loss per step")
     ax.plot(steps[len(steps) - len(running):], running, color="#1f77b4", label=f"running mean of {WINDOW}")
     held_steps, held_losses = zip(*run["held_out"]) if run["held_out"] else ((), ())
-    ax.plot(held_steps, held_losses, "o-", color="#d62728", label="held-out loss (40 ARC-AGI-1 training tasks)")
+    ax.plot(held_steps, held_losses, "o-", color="#d62728", label="held-out loss (held-out ARC-AGI-1 training tasks)")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("cross-entropy per output token")
     tokens_per_step = run["tokens"] / max(len(losses), 1)

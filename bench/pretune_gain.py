@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def packed(contender: Contender, base: Path | None, directory: Path) -> Path:
                        {"base": described, "adapter": str(contender.adapter)}, shrink=False)
 
 
-def load(contender: Contender, model_dir: Path, bench_args: dict) -> Worker:
+def load(model_dir: Path, bench_args: dict) -> Worker:
     config = RunConfig(model=model_dir, backend="peft", compile="off", ttt=TTTSettings(steps=bench_args["steps"]),
                        infer=InferSettings(augs=bench_args["augs"]))
     return Worker(config, log=lambda _: None)
@@ -99,6 +100,7 @@ def measure_task(contender: Contender, worker: Worker, task, entries: list[dict]
     solved = sum(record.solved or [])
     save(entries, results, {"model": contender.key, "name": contender.name, "task": task.id, "solved": solved,
                             "outputs": len(task.test_inputs), "seconds": record.seconds, "error": record.error,
+                            "retried": record.retried,
                             "args": bench_args})
     print(f"{contender.name} {task.id}: {solved}/{len(task.test_inputs)} in {record.seconds:.0f} s", flush=True)
 
@@ -114,15 +116,17 @@ def print_table(contenders: list[Contender], task_ids: list[str], entries: list[
     common = [t for t in task_ids if all((c.key, t) in by for c in contenders)]
     print(f"\n{len(common)} of {len(task_ids)} held-out ARC-AGI-1 training tasks finished by every model, "
           f"{bench_args['steps']} TTT steps, {bench_args['augs']} views")
-    print("| model | solved test outputs | tasks fully solved | held-out loss | seconds per task |")
-    print("|---|---|---|---|---|")
+    print("| model | solved test outputs | tasks fully solved | held-out loss | seconds per task | failed or retried "
+          "smaller |")
+    print("|---|---|---|---|---|---|")
     for c in contenders:
         rows = [by[(c.key, t)] for t in common]
         solved, outputs = sum(r["solved"] for r in rows), sum(r["outputs"] for r in rows)
         full = sum(r["solved"] == r["outputs"] for r in rows)
+        troubled = sum(bool(r.get("error") or r.get("retried")) for r in rows)
         loss = by.get((c.key, HELD_OUT), {}).get("loss", float("nan"))
         seconds = sum(r["seconds"] for r in rows) / max(len(rows), 1)
-        print(f"| {c.name} | {solved}/{outputs} | {full}/{len(rows)} | {loss:.4f} | {seconds:.0f} |")
+        print(f"| {c.name} | {solved}/{outputs} | {full}/{len(rows)} | {loss:.4f} | {seconds:.0f} | {troubled} |")
     sys.stdout.flush()
 
 
@@ -146,8 +150,11 @@ def main() -> None:
     held = sorted((t for t in load_bundled("arc1-train").tasks if t.id in held_ids), key=task_tokens)
     tasks = held[:args.tasks]
     contenders = [Contender.of(None), *(Contender.of(a) for a in args.against), Contender.of(args.adapter)]
-    bench_args = {"base": args.base.name if args.base else "gguf", "steps": args.steps, "augs": args.augs,
-                  "tasks": args.tasks}
+    if len({c.key for c in contenders}) < len(contenders):
+        raise SystemExit("the same adapter is given twice (ADAPTER_DIR and --against name the same weights)")
+    held_out = f"{zlib.crc32(' '.join(sorted(held_ids)).encode()):08x}"  # the tasks, hence the views, measured on
+    bench_args = {"base": args.base.name if args.base else "gguf", "held_out": held_out, "steps": args.steps,
+                  "augs": args.augs, "tasks": args.tasks}
     entries = read_entries(args.results, bench_args)
     task_ids = [t.id for t in tasks]
     if entries:
@@ -158,7 +165,7 @@ def main() -> None:
         workers = {}  # every contender loaded at once, so that each task is measured on all of them in turn
         for c in contenders:
             if any((c.key, t) not in done for t in [HELD_OUT, *task_ids]):
-                workers[c.key] = load(c, packed(c, args.base, Path(tmp)), bench_args)
+                workers[c.key] = load(packed(c, args.base, Path(tmp)), bench_args)
             if (c.key, HELD_OUT) not in done:
                 measure_loss(c, workers[c.key], held, entries, bench_args, args.results)
         for task in tasks:
