@@ -100,8 +100,7 @@ def measure_task(contender: Contender, worker: Worker, task, entries: list[dict]
     solved = sum(record.solved or [])
     save(entries, results, {"model": contender.key, "name": contender.name, "task": task.id, "solved": solved,
                             "outputs": len(task.test_inputs), "seconds": record.seconds, "error": record.error,
-                            "retried": record.retried,
-                            "args": bench_args})
+                            "retried": record.retried, "args": bench_args})
     print(f"{contender.name} {task.id}: {solved}/{len(task.test_inputs)} in {record.seconds:.0f} s", flush=True)
 
 

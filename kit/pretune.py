@@ -197,8 +197,8 @@ def pretune(settings: PretuneSettings, log=print) -> Path:
     settings = replace(settings, max_length=settings.max_length or model_positions(model_dir))
     lora = LoraSettings(rank=settings.lora_rank, alpha=settings.lora_rank, target_modules=settings.lora_targets,
                         trainable_tokens=embedding_rows(model_dir) if settings.train_embeddings else ())
-    kind = "peft" if settings.train_embeddings and settings.backend == "auto" else settings.backend
-    backend = load_backend(model_dir, kind, lora, settings.max_length, settings.seed, log, settings.dtype)
+    backend = load_backend(model_dir, settings.backend, lora, settings.max_length, settings.seed, log,
+                           settings.dtype)
     backend.reset_lora(settings.seed)
     fmt = GridFormat.from_tokenizer(backend.tokenizer, str(model_dir))
     vocab = torch.tensor(fmt.grid_vocabulary, dtype=torch.long)

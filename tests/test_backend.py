@@ -468,8 +468,9 @@ def test_trained_token_rows_reach_the_kits_head_and_a_merged_model(tmp_path, tie
     from kit.weights import merge_adapter
 
     base = save_tiny_llama(tmp_path / "base", tied=tied)
-    backend = load_backend(base, "peft", LoraSettings(rank=4, alpha=8, trainable_tokens=tuple(GRID_VOCAB)),
+    backend = load_backend(base, "auto", LoraSettings(rank=4, alpha=8, trainable_tokens=tuple(GRID_VOCAB)),
                            max_length=128, seed=0, log=lambda _: None, dtype=torch.float32)
+    assert backend.name == "peft"  # "auto" takes peft: unsloth trains no token rows
     rows = [p for n, p in backend.model.named_parameters() if "trainable_tokens_delta" in n]
     assert len(rows) == (1 if tied else 2) and {id(p) for p in rows} <= {id(p) for p in backend.trainable_parameters()}
     assert all(r.shape == (len(GRID_VOCAB), 64) and r.dtype == torch.float32 for r in rows)

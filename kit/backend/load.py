@@ -143,7 +143,8 @@ BACKENDS: dict[str, type[Backend]] = {"unsloth": UnslothBackend, "peft": PeftBac
 def load_backend(model_dir: str | Path, kind: str = "auto", lora: LoraSettings | None = None,
                  max_length: int = 8192, seed: int = 0, log: Callable[[str], None] = print,
                  dtype: torch.dtype | str | None = None, load_in_4bit: bool = False) -> Backend:
-    """Load the model once, attach the LoRA once. `kind` "auto" prefers unsloth when it imports.
+    """Load the model once, attach the LoRA once. `kind` "auto" prefers unsloth when it imports and can take the
+    adapter (not trained token rows, which only peft trains).
     `lora` None means the default LoraSettings; `dtype` None or "auto" picks the compute dtype for the device;
     `load_in_4bit` packs the frozen weights (CUDA only: refused elsewhere before anything loads)."""
     offline_environment()
@@ -152,11 +153,12 @@ def load_backend(model_dir: str | Path, kind: str = "auto", lora: LoraSettings |
     dtype = resolve_dtype(dtype, device)
     if load_in_4bit:
         check_4bit(device)
+    lora = lora or LoraSettings()
     if kind == "auto":
-        kind = "unsloth" if unsloth_importable(log) else "peft"
+        kind = "unsloth" if not lora.trainable_tokens and unsloth_importable(log) else "peft"
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; choose from auto, {', '.join(BACKENDS)}")
-    backend = BACKENDS[kind].load(Path(model_dir), lora or LoraSettings(), max_length, seed, device, dtype,
+    backend = BACKENDS[kind].load(Path(model_dir), lora, max_length, seed, device, dtype,
                                   load_in_4bit)
     backend.check_head(str(model_dir))
     packed = ", 4-bit weights" if backend.quantized else ""
