@@ -23,7 +23,7 @@ from kit.gguf import GGUF_FILE, GGUF_PACKAGE, gguf_path, gguf_source, load_gguf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
-DEFAULT_ADAPTER = "weights/adapters/smollm2-arc-r8"  # merged into the default (relative to the repo)
+DEFAULT_ADAPTER = "weights/adapters/smollm2-arc-r8-long"  # merged into the default (relative to the repo)
 MANIFEST = "manifest.json"
 PACK_FORMAT = 1  # what a packed directory holds and how its tokens are read; a run refuses any other
 OFFLINE_VARIABLES = {
