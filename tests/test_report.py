@@ -130,6 +130,9 @@ def test_the_page_in_headless_chromium_shows_the_run_and_filters_by_status(hand_
         assert page.evaluate("[...document.querySelectorAll('img.plot')].every(i => i.naturalWidth > 0)")
         for status, task in (("solved", SOLVED), ("unsolved", UNSOLVED), ("fallback", FALLBACK)):
             page.click(f"label[for=show-{status}]")
+            # cards are `content-visibility: auto`: a card the filter just brought on screen is laid out at the
+            # next frame, and Chromium (156) reads an empty innerText from it before then, as no user ever sees
+            page.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
             assert page.locator(".card:visible").count() == 1 and task in page.locator(".card:visible").inner_text()
         page.click("label[for=show-all]")
         assert page.locator(".card:visible").count() == 3
