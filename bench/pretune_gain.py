@@ -118,7 +118,7 @@ def print_table(contenders: list[Contender], task_ids: list[str], entries: list[
     print("| model | solved test outputs | tasks fully solved | held-out loss | seconds per task | failed or retried "
           "smaller |")
     print("|---|---|---|---|---|---|")
-    solved_by, loss_by = {}, {}
+    solved_by, loss_by = {}, {}  # by contender key: two adapter directories may share a name
     for c in contenders:
         rows = [by[(c.key, t)] for t in common]
         solved, outputs = sum(r["solved"] for r in rows), sum(r["outputs"] for r in rows)
@@ -127,12 +127,12 @@ def print_table(contenders: list[Contender], task_ids: list[str], entries: list[
         loss = by.get((c.key, HELD_OUT), {}).get("loss", float("nan"))
         seconds = sum(r["seconds"] for r in rows) / max(len(rows), 1)
         print(f"| {c.name} | {solved}/{outputs} | {full}/{len(rows)} | {loss:.4f} | {seconds:.0f} | {troubled} |")
-        solved_by[c.name], loss_by[c.name] = solved, loss
-    new = contenders[-1].name  # ADAPTER_DIR: the one measured against the others
+        solved_by[c.key], loss_by[c.key] = solved, loss
+    new = contenders[-1]  # ADAPTER_DIR: the one measured against the others
     for other in contenders[:-1]:
-        ratio = solved_by[new] / solved_by[other.name] if solved_by[other.name] else float("inf")
-        print(f"{new} / {other.name}: {ratio:.2f}x solved test outputs ({solved_by[new]} vs "
-              f"{solved_by[other.name]}), held-out loss {loss_by[new]:.4f} vs {loss_by[other.name]:.4f}")
+        ratio = solved_by[new.key] / solved_by[other.key] if solved_by[other.key] else float("inf")
+        print(f"{new.name} / {other.name}: {ratio:.2f}x solved test outputs ({solved_by[new.key]} vs "
+              f"{solved_by[other.key]}), held-out loss {loss_by[new.key]:.4f} vs {loss_by[other.key]:.4f}")
     sys.stdout.flush()
 
 
