@@ -13,13 +13,16 @@ inference). Settings: greedy against DFS at each threshold, scored under the dec
 All 40 tasks take hours on a CPU: each finished task's figures are added to --results (JSON lines, rewritten
 atomically), and a rerun with the same settings skips the tasks already there, so the measurement can be spread
 over several sessions (the default file is tracked: commit it after a run); the table is always of every task in
-the file.
+the file. Each entry names the adapter merged into the default model it ran on (the default changed from
+smollm2-arc-r8 to smollm2-arc-r8-long after the first 13 tasks): the settings are compared task by task on one
+adapter, and the table's header says how many tasks each adapter measured.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,7 +40,7 @@ from kit.infer import decode_candidates, fresh_views, score_under_views  # noqa:
 from kit.pretune import PretuneSettings, training_tasks  # noqa: E402
 from kit.ttt import train_task  # noqa: E402
 from kit.vote import RANK_BY, rank, two_attempts  # noqa: E402
-from kit.weights import ensure_default_model  # noqa: E402
+from kit.weights import check_model_dir, ensure_default_model  # noqa: E402
 from kit.workers import Worker  # noqa: E402
 
 
@@ -148,8 +151,10 @@ def print_table(entries: list[dict], names: list[str], bench_args: dict) -> None
     for entry in entries:
         for name, figures in entry["figures"].items():
             tallies[name].add(figures)
+    models = Counter(entry.get("model", "?") for entry in entries)
     print(f"\n{len(entries)} held-out ARC-AGI-1 training tasks ({' '.join(e['task'] for e in entries)}), "
-          f"{bench_args['steps']} TTT steps, {bench_args['augs']} decoding views")
+          f"{bench_args['steps']} TTT steps, {bench_args['augs']} decoding views; default model's adapter: "
+          + ", ".join(f"{Path(name).name} ({n} tasks)" for name, n in models.items()))
     print("| TTT loss, search, scoring | oracle | " + " | ".join(f"two attempts ({r})" for r in RANK_BY)
           + " | candidates per test input | seconds per task |")
     print("|---|---|" + "---|" * len(RANK_BY) + "---|---|")
@@ -183,14 +188,15 @@ def main() -> None:
         print_table(entries, names, bench_args)
     if not tasks:
         return
-    config = RunConfig(model=ensure_default_model(lambda _: None), backend="peft", compile="off",
-                       ttt=TTTSettings(steps=args.steps))
+    model = ensure_default_model(lambda _: None)
+    adapter = check_model_dir(model)["adapter"]
+    config = RunConfig(model=model, backend="peft", compile="off", ttt=TTTSettings(steps=args.steps))
     worker = Worker(config, log=lambda _: None)
     for task in tasks:
         figures = {}
         for loss in args.loss_on:
             figures |= task_figures(worker, config, task, loss, settings)
-        entries.append({"task": task.id, "args": bench_args, "figures": figures})
+        entries.append({"task": task.id, "args": bench_args, "model": adapter, "figures": figures})
         write_entries(args.results, entries)
         print_table(entries, names, bench_args)  # after every task: a run that is stopped still says what it did
 
