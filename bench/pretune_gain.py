@@ -3,8 +3,8 @@ pretuning, the base model and the base with each adapter merged (packed as `kit.
 run: the held-out loss (kit.pretune's fixed views of every held-out task) and the test outputs solved under the same
 TTT budget per task (`--steps` steps, `--augs` views).
 
-    python bench/pretune_gain.py ADAPTER_DIR [--against ADAPTER_DIR ...] [--base DIR] [--tasks N] [--steps N]
-                                 [--augs N] [--results FILE]
+    python bench/pretune_gain.py ADAPTER_DIR [--against ADAPTER_DIR ...] [--base DIR] [--no-base] [--tasks N]
+                                 [--steps N] [--augs N] [--results FILE]
 
 ADAPTER_DIR is a `python -m kit.pretune --out` directory (its `adapter/` and `pretune.json`, which names the
 held-out tasks) or a committed adapter such as weights/adapters/smollm2-arc-r8 (`pretune.json` beside the adapter's
@@ -14,7 +14,8 @@ directory), by default the embedded default's GGUF without any adapter, packed f
 All 40 tasks under three models take hours on a CPU: each finished (model, task) is added to --results (JSON lines,
 rewritten atomically; a model is known by its adapter's sha256), and a rerun with the same settings skips those, so
 the measurement can be spread over sessions (commit the file after a run). The table is of the tasks every model
-has finished.
+has finished. `--no-base` leaves the bare base out of a run, to decide between adapters first on a short budget
+(the base's entries stay in the file; a later run without it measures the base on the tasks it lacks).
 """
 from __future__ import annotations
 
@@ -143,6 +144,8 @@ def main() -> None:
                         help="adapters to compare with, merged into the same base")
     parser.add_argument("--base", type=Path, metavar="DIR",
                         help="model directory the adapters are merged into (default: the default's GGUF, bare)")
+    parser.add_argument("--no-base", action="store_true",
+                        help="measure the adapters only (the base's entries in --results are kept for a later run)")
     parser.add_argument("--tasks", type=int, default=40, help="the N smallest held-out tasks (by tokens)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--augs", type=int, default=4)
@@ -155,7 +158,8 @@ def main() -> None:
     held_ids = set(json.loads(summary_path.read_text())["held_out_ids"])
     held = sorted((t for t in load_bundled("arc1-train").tasks if t.id in held_ids), key=task_tokens)
     tasks = held[:args.tasks]
-    contenders = [Contender.of(None), *(Contender.of(a) for a in args.against), Contender.of(args.adapter)]
+    contenders = [*([] if args.no_base else [Contender.of(None)]), *(Contender.of(a) for a in args.against),
+                  Contender.of(args.adapter)]
     if len({c.key for c in contenders}) < len(contenders):
         raise SystemExit("the same adapter is given twice (ADAPTER_DIR and --against name the same weights)")
     held_out = f"{zlib.crc32(' '.join(sorted(held_ids)).encode()):08x}"  # the tasks, hence the views, measured on
