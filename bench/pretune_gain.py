@@ -179,10 +179,11 @@ def main() -> None:
             if (c.key, HELD_OUT) not in done:
                 measure_loss(c, workers[c.key], held, entries, bench_args, args.results)
         for task in tasks:
-            for c in contenders:
-                if (c.key, task.id) not in done:
-                    measure_task(c, workers[c.key], task, entries, bench_args, args.results)
-            print_table(contenders, task_ids, entries, bench_args)  # after every task: a stopped run still says
+            todo = [c for c in contenders if (c.key, task.id) not in done]
+            for c in todo:
+                measure_task(c, workers[c.key], task, entries, bench_args, args.results)
+            if todo:
+                print_table(contenders, task_ids, entries, bench_args)  # after every task: a stopped run still says
 
 if __name__ == "__main__":
     main()
