@@ -7,7 +7,7 @@ TTT budget per task (`--steps` steps, `--augs` views).
                                  [--steps N] [--augs N] [--results FILE]
 
 ADAPTER_DIR is a `python -m kit.pretune --out` directory (its `adapter/` and `pretune.json`, which names the
-held-out tasks) or a committed adapter such as weights/adapters/smollm2-arc-r8 (`pretune.json` beside the adapter's
+held-out tasks) or a committed adapter such as weights/adapters/smollm2-arc-r8-long (`pretune.json` beside the adapter's
 files). `--against` adds adapters to compare with. All are merged into the same base: `--base` (a model
 directory), by default the embedded default's GGUF without any adapter, packed for the run.
 

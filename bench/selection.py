@@ -40,7 +40,7 @@ from kit.infer import decode_candidates, fresh_views, score_under_views  # noqa:
 from kit.pretune import PretuneSettings, training_tasks  # noqa: E402
 from kit.ttt import train_task  # noqa: E402
 from kit.vote import RANK_BY, rank, two_attempts  # noqa: E402
-from kit.weights import check_model_dir, ensure_default_model  # noqa: E402
+from kit.weights import DEFAULT_ADAPTER, ensure_default_model  # noqa: E402
 from kit.workers import Worker  # noqa: E402
 
 
@@ -188,15 +188,14 @@ def main() -> None:
         print_table(entries, names, bench_args)
     if not tasks:
         return
-    model = ensure_default_model(lambda _: None)
-    adapter = check_model_dir(model)["adapter"]
-    config = RunConfig(model=model, backend="peft", compile="off", ttt=TTTSettings(steps=args.steps))
+    config = RunConfig(model=ensure_default_model(lambda _: None), backend="peft", compile="off",
+                       ttt=TTTSettings(steps=args.steps))
     worker = Worker(config, log=lambda _: None)
     for task in tasks:
         figures = {}
         for loss in args.loss_on:
             figures |= task_figures(worker, config, task, loss, settings)
-        entries.append({"task": task.id, "args": bench_args, "model": adapter, "figures": figures})
+        entries.append({"task": task.id, "args": bench_args, "model": DEFAULT_ADAPTER, "figures": figures})
         write_entries(args.results, entries)
         print_table(entries, names, bench_args)  # after every task: a run that is stopped still says what it did
 
