@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     m.add_argument("--lr", type=float, default=TTTSettings.lr, help="TTT learning rate")
     m.add_argument("--loss-on", choices=LOSS_ON, default=TTTSettings.loss_on,
                    help="TTT loss on the query output only, also on the demonstration outputs after the first "
-                        "(outputs), or on all of them (all-outputs)")
+                        "(outputs, the default), or on all of them (all-outputs)")
     m.add_argument("--max-length", type=positive, default=RunConfig.max_length, metavar="TOKENS",
                    help="longest sequence trained on or prompted with (demonstrations are dropped to fit; "
                         "default: the model's positions, cut per task by the memory plan)")

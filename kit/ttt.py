@@ -1,8 +1,8 @@
 """Per-task test-time training: a fresh LoRA learns the task from its own demonstrations.
 
-Leave-one-out sequences under random invertible augmentations, loss on the held-out output (or on every output,
-`TTTSettings.loss_on`), batches
-bucketed by length (little padding), a plain AdamW loop with linear warm-up/decay that stops at its step
+Leave-one-out sequences under random invertible augmentations, loss on the held-out output and the demonstration
+outputs after the first (`TTTSettings.loss_on`, the query's alone or every output as options), batches bucketed by
+length (little padding), a plain AdamW loop with linear warm-up/decay that stops at its step
 budget, its deadline or convergence, whichever comes first. Sequences too long for the model lose
 demonstrations.
 """
