@@ -105,7 +105,7 @@ def main() -> None:
 
     def kit_step(batch) -> int:
         kit.train()
-        return train_step(kit, batch, fmt.eos_id, vocab, kit_opt, kit_schedule, kit_scaler)[1]
+        return train_step(kit, batch, fmt.eos_id, vocab, kit_opt, kit_schedule, kit_scaler).tokens
 
     def naive_step(batch) -> int:
         ids, labels, mask = (t.to(device) for t in collate(batch, fmt.eos_id))

@@ -221,10 +221,10 @@ def pretune(settings: PretuneSettings, log=print) -> Path:
     start, tokens_before = time.monotonic(), state.get("tokens", 0)
     while state["step"] < settings.steps:
         first, *more = draw.step(state["step"])
-        loss, tokens = train_step(backend, first, fmt.eos_id, vocab, optimizer, schedule, scaler, more)
+        step = train_step(backend, first, fmt.eos_id, vocab, optimizer, schedule, scaler, more)
         state["step"] += 1
-        state["losses"].append(round(loss, 4))
-        state["tokens"] = state.get("tokens", 0) + tokens
+        state["losses"].append(round(step.loss, 4))
+        state["tokens"] = state.get("tokens", 0) + step.tokens
         bar.update()
         rate = (state["tokens"] - tokens_before) / max(time.monotonic() - start, 1e-9)
         bar.set_postfix(loss=f"{np.mean(state['losses'][-20:]):.3f}", tok_s=f"{rate:.0f}")

@@ -56,7 +56,7 @@ def test_fp16_training_with_loss_scaling_learns_without_overflow(fp16_backend) -
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = fp16_backend.loss_scaler()
     fp16_backend.train()
-    losses = [train_step(fp16_backend, batch, eos, vocab, optimizer, schedule, scaler)[0] for _ in range(12)]
+    losses = [train_step(fp16_backend, batch, eos, vocab, optimizer, schedule, scaler).loss for _ in range(12)]
     fp16_backend.eval()
     assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0]
     assert all(torch.isfinite(p).all() for p in fp16_backend.trainable_parameters())
@@ -70,8 +70,8 @@ def test_a_step_whose_scaled_gradients_overflow_is_skipped(fp16_backend) -> None
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)  # fp16 activations' gradients overflow
     fp16_backend.train()
-    loss, _ = train_step(fp16_backend, sequences(np.random.default_rng(2)), GRID_VOCAB[-1],
-                         torch.tensor(GRID_VOCAB), optimizer, schedule, scaler)
+    loss = train_step(fp16_backend, sequences(np.random.default_rng(2)), GRID_VOCAB[-1],
+                      torch.tensor(GRID_VOCAB), optimizer, schedule, scaler).loss
     fp16_backend.eval()
     assert np.isfinite(loss) and scaler.get_scale() < 2.0 ** 120  # found the overflow, lowered the scale
     assert all(torch.equal(p, q) for p, q in zip(fp16_backend.trainable_parameters(), before))

@@ -12,7 +12,7 @@ from kit.backend import load_backend
 from kit.config import LoraSettings, TTTSettings
 from kit.format import GridFormat
 from kit.tasks import Pair, Task
-from kit.ttt import train_task
+from kit.ttt import adamw, collate, train_step, train_task
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,47 @@ def test_stops_at_the_deadline(backend, fmt):
     ended = time.monotonic()
     assert result.stopped == "deadline" and 0 < result.steps < 400 and len(result.losses) == result.steps
     assert ended - deadline < 3 * step + 0.05  # about one step past it at most
+
+
+def test_a_steps_query_loss_is_the_loss_of_its_query_outputs_alone(backend, fmt):
+    """train_step reports the mean loss over every labelled output (what it trains) and over the query outputs
+    alone (what convergence reads): the latter equals the loss of the same batch labelled on the query only."""
+    backend.reset_lora(3)
+    task = small_task()
+    batch = [fmt.encode_example(task.train[:2], task.train[2], "outputs"),
+             fmt.encode_example(task.train[1:], task.train[0], "outputs")]
+    query_only = [fmt.encode_example(task.train[:2], task.train[2], "query"),
+                  fmt.encode_example(task.train[1:], task.train[0], "query")]
+    vocab = torch.tensor(fmt.grid_vocabulary)
+    backend.train()
+    with torch.no_grad():
+        expected = [float(backend.loss(*collate(b, fmt.eos_id), vocab)) for b in (batch, query_only)]
+    optimizer = adamw(backend.trainable_parameters(), 1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    step = train_step(backend, batch, fmt.eos_id, vocab, optimizer, schedule, backend.loss_scaler())
+    backend.eval()
+    assert abs(expected[0] - expected[1]) > 1e-3  # the two means differ on this batch
+    assert step.loss == pytest.approx(expected[0], rel=1e-5)
+    assert step.query_loss == pytest.approx(expected[1], rel=1e-5)
+
+
+def test_convergence_reads_the_query_loss(backend, fmt):
+    """Under query loss the two records are one; under outputs loss the stop follows the query's."""
+    settings = TTTSettings(steps=3, batch_size=2, converged_window=0, loss_on="query")
+    result = train_task(backend, fmt, small_task(), settings, task_rng(0, "t"), seed=1)
+    assert result.query_losses == pytest.approx(result.losses, rel=1e-5)
+    outputs = train_task(backend, fmt, small_task(), replace(settings, loss_on="outputs"), task_rng(0, "t"), seed=1)
+    assert len(outputs.query_losses) == 3 and outputs.query_losses != pytest.approx(outputs.losses, rel=1e-3)
+
+    def first_below(losses: list[float], mark: float) -> int:  # the step a window of one stops at (3: none)
+        return next((i + 1 for i, loss in enumerate(losses) if loss < mark), 3)
+
+    # a mark between one step's two losses, where a stop on the query's and one on the mean would part
+    mark = next(m for m in ((q + a) / 2 for q, a in zip(outputs.query_losses, outputs.losses))
+                if first_below(outputs.query_losses, m) != first_below(outputs.losses, m))
+    stop = replace(settings, loss_on="outputs", converged_window=1, converged_loss=mark)
+    stopped = train_task(backend, fmt, small_task(), stop, task_rng(0, "t"), seed=1)
+    assert stopped.steps == first_below(outputs.query_losses, mark)
 
 
 def test_stops_when_converged(backend, fmt):

@@ -6,7 +6,7 @@ from kit.augment import task_rng
 from kit.config import TTTSettings
 from kit.format import IGNORE, GridFormat, demos_that_fit, pair_tokens, sequence_tokens
 from kit.tasks import Pair, Task
-from kit.ttt import bucketed_batches, collate, converged, lr_factor, training_sequences
+from kit.ttt import bucketed_batches, collate, converged, lr_factor, query_terms, training_sequences
 
 FMT = GridFormat(digit_ids=tuple(range(10, 20)), row_end_id=1, input_id=2, output_id=3, eos_id=4, bos_id=5)
 
@@ -55,6 +55,22 @@ def test_buckets_group_similar_lengths_and_collate_pads_right():
     lengths = [len(i) for i, _ in batches[0]]
     assert ids.shape == (4, max(lengths)) and mask.sum().item() == sum(lengths)
     assert (labels[mask == 0] == IGNORE).all() and (ids[mask == 0] == 99).all()
+
+
+def test_query_terms_mark_exactly_each_sequences_query_output():
+    """Among a batch's loss terms (labelled tokens, row by row, the first token never predicted) the query's are
+    each row's last `len(encode_answer(query output))`, whatever the demonstration outputs before them carry."""
+    task = task_with_sides(2, 3, 1)
+    for loss_on in ("query", "outputs", "all-outputs"):
+        batch = [FMT.encode_example(task.train[:2], task.train[2], loss_on),
+                 FMT.encode_example(task.train[1:], task.train[0], loss_on)]
+        expected = []
+        for (_, labels), query in zip(batch, (task.train[2], task.train[0])):
+            answer = len(FMT.encode_answer(query.output))
+            terms = int((labels[1:] != IGNORE).sum())
+            expected += [False] * (terms - answer) + [True] * answer
+        assert query_terms(batch).tolist() == expected
+        assert (loss_on == "query") == all(expected)
 
 
 def test_convergence_needs_a_full_window_of_low_losses():

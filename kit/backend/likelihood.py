@@ -38,10 +38,24 @@ class Likelihoods:
         mask, which is exact for every real token and the only layout unsloth's training path supports.
         With `vocab`, the softmax is over those ids only and every label must be one of them.
         """
-        log_probs, _ = self._label_log_probs(input_ids, labels, attention_mask, vocab)
-        if log_probs.numel() == 0:
+        return -self.label_log_probs(input_ids, labels, attention_mask, vocab).mean()
+
+    def label_log_probs(self, input_ids: torch.LongTensor, labels: torch.LongTensor, attention_mask: torch.Tensor,
+                        vocab: Ids | None = None) -> torch.Tensor:
+        """Log-probability of every labelled token, row by row in sequence order: the loss's terms (TTT also
+        reads the query output's own among them, `kit.ttt.query_terms`). Same rules as `loss`."""
+        input_ids, labels, attention_mask = (t.to(self.device) for t in (input_ids, labels, attention_mask))
+        self._check_length(input_ids.shape[1])
+        if not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+            raise ValueError("the loss needs right-padded batches (attention_mask must be 1s then 0s per row)")
+        targets = labels.masked_fill(attention_mask == 0, IGNORE)[:, 1:]  # token t predicts label t+1
+        keep = targets != IGNORE
+        if not bool(keep.any()):
             raise ValueError("loss over a batch without any labelled token")
-        return -log_probs.mean()
+        self._set_attention(self.attention_for(input_ids.shape[1]))
+        with self._autocast(), self._compiled_if(torch.is_grad_enabled() and input_ids.shape[0] > 1):
+            hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+        return self._log_probs(hidden[:, :-1][keep], targets[keep], vocab)
 
     @torch.no_grad()
     def prefill(self, prompts: Sequence[np.ndarray]) -> Prefix:
@@ -120,20 +134,6 @@ class Likelihoods:
         return torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
 
     # --- helpers -----------------------------------------------------------------------------------------
-
-    def _label_log_probs(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
-                         vocab: Ids | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probability of every labelled token and the row it belongs to."""
-        input_ids, labels, attention_mask = (t.to(self.device) for t in (input_ids, labels, attention_mask))
-        self._check_length(input_ids.shape[1])
-        if not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
-            raise ValueError("the loss needs right-padded batches (attention_mask must be 1s then 0s per row)")
-        targets = labels.masked_fill(attention_mask == 0, IGNORE)[:, 1:]  # token t predicts label t+1
-        keep = targets != IGNORE
-        self._set_attention(self.attention_for(input_ids.shape[1]))
-        with self._autocast(), self._compiled_if(torch.is_grad_enabled() and input_ids.shape[0] > 1):
-            hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-        return self._log_probs(hidden[:, :-1][keep], targets[keep], vocab), keep.nonzero()[:, 0]
 
     def _log_probs(self, hidden: torch.Tensor, wanted: torch.Tensor, vocab: Ids | None) -> torch.Tensor:
         """log p(wanted token | the hidden state before it), over `vocab` only when given (shared by loss and
