@@ -2,9 +2,9 @@
 
 Leave-one-out sequences under random invertible augmentations, loss on the held-out output and the demonstration
 outputs after the first (`TTTSettings.loss_on`, the query's alone or every output as options), batches bucketed by
-length (little padding), a plain AdamW loop with linear warm-up/decay that stops at its step
-budget, its deadline or convergence of the query output's loss, whichever comes first. Sequences too long for the
-model lose demonstrations.
+length (little padding), a plain AdamW loop with linear warm-up/decay that stops at its step budget, its deadline
+or convergence of the query output's loss, whichever comes first. Sequences too long for the model lose
+demonstrations.
 """
 from __future__ import annotations
 

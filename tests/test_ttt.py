@@ -63,10 +63,9 @@ def test_a_steps_query_loss_is_the_loss_of_its_query_outputs_alone(backend, fmt)
     alone (what convergence reads): the latter equals the loss of the same batch labelled on the query only."""
     backend.reset_lora(3)
     task = small_task()
-    batch = [fmt.encode_example(task.train[:2], task.train[2], "outputs"),
-             fmt.encode_example(task.train[1:], task.train[0], "outputs")]
-    query_only = [fmt.encode_example(task.train[:2], task.train[2], "query"),
-                  fmt.encode_example(task.train[1:], task.train[0], "query")]
+    examples = [(task.train[:2], task.train[2]), (task.train[1:], task.train[0])]  # (demonstrations, query)
+    batch, query_only = ([fmt.encode_example(demos, query, loss_on) for demos, query in examples]
+                         for loss_on in ("outputs", "query"))
     vocab = torch.tensor(fmt.grid_vocabulary)
     backend.train()
     with torch.no_grad():
